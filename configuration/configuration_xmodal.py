@@ -1,0 +1,326 @@
+"""Configuration classes for xmodal: the image tower, the text tower, the cross-modal fusion module and the
+composite model.
+
+This file is part of the remote-code bundle pushed to the Hub: it imports only the standard library and
+transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any, ClassVar
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from xmodal.hub import AUTO_MAP, write_remote_code
+
+FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
+POOLING_MODES = ("cls", "mean")
+LOSS_WEIGHT_FIELDS = (
+    "contrastive_loss_weight",
+    "itm_loss_weight",
+    "mlm_loss_weight",
+    "mim_loss_weight",
+    "captioning_loss_weight",
+    "vqa_loss_weight",
+)
+_PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
+def _check_positive_int(config: PreTrainedConfig, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        lower = 0 if allow_zero else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lower:
+            kind = "a non-negative" if allow_zero else "a positive"
+            raise ValueError(f"{type(config).__name__}.{name} must be {kind} integer, got {value!r}.")
+
+
+def _check_probability(config: PreTrainedConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1), got {value!r}.")
+
+
+def _check_transformer_dims(config: PreTrainedConfig) -> None:
+    """Shared checks of every transformer stack: positive sizes, heads dividing the width, a known activation."""
+    _check_positive_int(config, "hidden_size", "intermediate_size", "num_attention_heads")
+    _check_positive_int(config, "num_hidden_layers", allow_zero=isinstance(config, XModalCrossConfig))
+    if config.hidden_size % config.num_attention_heads != 0:
+        raise ValueError(
+            f"{type(config).__name__}.hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
+            f"({config.num_attention_heads})."
+        )
+    if config.hidden_act not in ACT2FN:
+        raise ValueError(
+            f"{type(config).__name__}.hidden_act {config.hidden_act!r} is unknown; accepted: {sorted(ACT2FN)}."
+        )
+    if not isinstance(config.layer_norm_eps, (int, float)) or config.layer_norm_eps <= 0:
+        raise ValueError(f"{type(config).__name__}.layer_norm_eps must be positive, got {config.layer_norm_eps!r}.")
+    _check_probability(config, "hidden_dropout_prob", "attention_dropout")
+
+
+class XModalVisionConfig(PreTrainedConfig):
+    r"""Configuration of the xmodal ViT image encoder: conv patch embedding, a [CLS] token, learned position
+    embeddings and pre-LayerNorm transformer blocks.
+
+    Args:
+        hidden_size (`int`): width of the encoder.
+        intermediate_size (`int`): width of the MLP.
+        num_hidden_layers (`int`): number of transformer blocks.
+        num_attention_heads (`int`): attention heads; must divide `hidden_size`.
+        num_channels (`int`): input channels.
+        image_size (`int`): square input resolution the position embeddings are trained for.
+        patch_size (`int`): square patch size; must divide `image_size`.
+        hidden_act (`str`): MLP activation (a key of `transformers.activations.ACT2FN`).
+        layer_norm_eps (`float`): LayerNorm epsilon.
+        hidden_dropout_prob (`float`): dropout on residual branches.
+        attention_dropout (`float`): dropout on attention probabilities.
+        initializer_range (`float`): std of the normal initialiser.
+    """
+
+    model_type: ClassVar[str] = "xmodal_vision_model"
+    base_config_key: ClassVar[str] = "vision_config"
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 16
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        _check_transformer_dims(self)
+        _check_positive_int(self, "num_channels", "image_size", "patch_size")
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"XModalVisionConfig.patch_size ({self.patch_size}) must divide image_size ({self.image_size})."
+            )
+
+
+class XModalTextConfig(PreTrainedConfig):
+    r"""Configuration of the xmodal BERT-style bidirectional text encoder: word, position and (optionally) token
+    type embeddings followed by pre-LayerNorm transformer blocks with padding-aware attention.
+
+    Args:
+        vocab_size (`int`): size of the token vocabulary; must match the tokenizer.
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads: as in BERT.
+        max_position_embeddings (`int`): longest sequence the position embeddings cover.
+        type_vocab_size (`int`): number of token types (segments); 0 disables token type embeddings.
+        hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in BERT.
+        pad_token_id (`int`): id of the padding token.
+    """
+
+    model_type: ClassVar[str] = "xmodal_text_model"
+    base_config_key: ClassVar[str] = "text_config"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        _check_transformer_dims(self)
+        _check_positive_int(self, "vocab_size", "max_position_embeddings")
+        _check_positive_int(self, "type_vocab_size", allow_zero=True)
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"XModalTextConfig.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})."
+            )
+
+
+class XModalCrossConfig(PreTrainedConfig):
+    r"""Configuration of the cross-modal fusion module: transformer layers of self-attention, cross-attention and
+    an MLP, where the queries come from one modality and the keys/values from the other.
+
+    Args:
+        direction (`str`): which modality provides the queries.
+            `"text_to_image"`: text tokens attend to image patches (Q = text, K = V = image; ALBEF/BLIP);
+            `"image_to_text"`: image patches attend to text tokens (Q = image, K = V = text);
+            `"both"`: co-attention, two streams that each attend to the other (ViLBERT).
+        hidden_size (`int`): width of the fusion layers; tower outputs of another width are projected to it.
+        intermediate_size, num_hidden_layers, num_attention_heads, hidden_act, layer_norm_eps,
+        hidden_dropout_prob, attention_dropout, initializer_range: as for the towers. `num_hidden_layers=0`
+            builds no fusion module (a pure dual encoder).
+    """
+
+    model_type: ClassVar[str] = "xmodal_cross_model"
+    base_config_key: ClassVar[str] = "cross_config"
+
+    direction: str = "text_to_image"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.direction not in FUSION_DIRECTIONS:
+            raise ValueError(
+                f"XModalCrossConfig.direction {self.direction!r} is unknown; accepted: {', '.join(FUSION_DIRECTIONS)}."
+            )
+        _check_transformer_dims(self)
+
+
+def _tower_config(
+    value: PreTrainedConfig | dict | None, default_class: type[PreTrainedConfig], field: str
+) -> PreTrainedConfig:
+    """Builds a tower config from a config, a dict (any transformers `model_type`, e.g. "vit" or "bert") or None."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if value is None:
+        return default_class()
+    if not isinstance(value, dict):
+        raise TypeError(f"XModalConfig.{field} must be a PreTrainedConfig, a dict or None, got {type(value).__name__}.")
+    value = dict(value)
+    model_type = value.pop("model_type", default_class.model_type)
+    if model_type == default_class.model_type:
+        return default_class(**value)
+    try:
+        return AutoConfig.for_model(model_type, **value)
+    except ValueError as err:
+        raise ValueError(f"XModalConfig.{field} has an unknown model_type {model_type!r}: {err}") from err
+
+
+class XModalConfig(PreTrainedConfig):
+    r"""Configuration of an xmodal model: an image tower, a text tower, a cross-modal fusion module and the
+    contrastive projection.
+
+    Either tower may be the built-in one (`XModalVisionConfig` / `XModalTextConfig`) or any transformers model
+    config (e.g. a `ViTConfig` or `BertConfig`), which lets pretrained towers be plugged in with
+    `XModalModel.from_vision_text_pretrained`.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): image tower configuration.
+        text_config (`dict` or `PreTrainedConfig`, *optional*): text tower configuration.
+        cross_config (`dict` or `XModalCrossConfig`, *optional*): fusion module configuration.
+        projection_dim (`int`): dimension of the shared image-text embedding space.
+        logit_scale_init_value (`float`): initial value of the learnable log inverse temperature,
+            ln(1/0.07) as in CLIP.
+        max_logit_scale (`float`): upper clamp of exp(logit_scale) (100 in CLIP).
+        vision_pooling, text_pooling (`str`): `"cls"` (first token) or `"mean"` (masked mean of tokens).
+        *_loss_weight (`float`): weights of the pretraining objectives (0 disables an objective).
+
+    Example:
+
+    ```python
+    >>> from xmodal import XModalConfig, XModalModel
+    >>> config = XModalConfig.from_preset("tiny")
+    >>> model = XModalModel(config)
+    ```
+    """
+
+    model_type: ClassVar[str] = "xmodal"
+    sub_configs_defaults: ClassVar[dict] = {
+        "vision_config": XModalVisionConfig,
+        "text_config": XModalTextConfig,
+        "cross_config": XModalCrossConfig,
+    }
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    cross_config: PreTrainedConfig | dict | None = None
+    projection_dim: int = 512
+    logit_scale_init_value: float = 2.6592
+    max_logit_scale: float = 100.0
+    vision_pooling: str = "cls"
+    text_pooling: str = "cls"
+    contrastive_loss_weight: float = 1.0
+    itm_loss_weight: float = 1.0
+    mlm_loss_weight: float = 1.0
+    mim_loss_weight: float = 1.0
+    captioning_loss_weight: float = 1.0
+    vqa_loss_weight: float = 1.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        self.vision_config = _tower_config(self.vision_config, XModalVisionConfig, "vision_config")
+        self.text_config = _tower_config(self.text_config, XModalTextConfig, "text_config")
+        if isinstance(self.cross_config, dict):
+            self.cross_config = XModalCrossConfig(**{k: v for k, v in self.cross_config.items() if k != "model_type"})
+        super().__post_init__(**kwargs)
+        _check_positive_int(self, "projection_dim")
+        if not isinstance(self.logit_scale_init_value, (int, float)) or not math.isfinite(self.logit_scale_init_value):
+            raise ValueError(f"XModalConfig.logit_scale_init_value must be finite, got {self.logit_scale_init_value!r}.")
+        if not isinstance(self.max_logit_scale, (int, float)) or self.max_logit_scale <= 0:
+            raise ValueError(f"XModalConfig.max_logit_scale must be positive, got {self.max_logit_scale!r}.")
+        for field in ("vision_pooling", "text_pooling"):
+            if getattr(self, field) not in POOLING_MODES:
+                raise ValueError(
+                    f"XModalConfig.{field} {getattr(self, field)!r} is unknown; accepted: {', '.join(POOLING_MODES)}."
+                )
+        for field in LOSS_WEIGHT_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"XModalConfig.{field} must be a non-negative number, got {value!r}.")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads
+        with `trust_remote_code=True` where xmodal is not installed."""
+        write_remote_code(save_directory)
+        self.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def available_presets(cls) -> list[str]:
+        """Names of the presets shipped in `configuration/presets/`."""
+        if not os.path.isdir(_PRESET_DIR):
+            return []
+        return sorted(name[: -len(".json")] for name in os.listdir(_PRESET_DIR) if name.endswith(".json"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> XModalConfig:
+        """Builds a config from a shipped preset (`tiny`, `small`, `base`).
+
+        Keyword overrides replace top-level fields; a dict given for `vision_config`, `text_config` or
+        `cross_config` updates only the keys it names, e.g.
+        `XModalConfig.from_preset("tiny", text_config={"vocab_size": 1000})`.
+        """
+        presets = cls.available_presets()
+        if name not in presets:
+            raise ValueError(f"Unknown xmodal preset {name!r}; available presets: {', '.join(presets)}.")
+        with open(os.path.join(_PRESET_DIR, f"{name}.json"), encoding="utf-8") as handle:
+            values = json.load(handle)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return cls(**values)
+
+    @classmethod
+    def from_vision_text_configs(
+        cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs: Any
+    ) -> XModalConfig:
+        """Builds a config around two existing tower configs (any transformers model types)."""
+        return cls(vision_config=copy.deepcopy(vision_config), text_config=copy.deepcopy(text_config), **kwargs)
+
+
+__all__ = ["XModalConfig", "XModalCrossConfig", "XModalTextConfig", "XModalVisionConfig"]
