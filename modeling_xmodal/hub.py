@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from typing import Any
 
 # flat file name (without .py) -> module in the installed package
@@ -40,17 +41,28 @@ _PACKAGE_IMPORT = re.compile(r"^(\s*)from\s+xmodal(?:\.\w+)*\.(\w+)\s+import\b",
 _ANY_PACKAGE_IMPORT = re.compile(r"^\s*(?:from|import)\s+xmodal\b", re.MULTILINE)
 
 
-def _source_path(name: str) -> str:
+def _source_path(name: str) -> str | None:
+    """Where the source of bundle file `name` is: the installed package's module, or, inside a loaded bundle, the
+    sibling file (transformers may cache the modules of one bundle in several folders, so any loaded copy will do).
+    None when a bundle file is neither beside this one nor loaded."""
     if __name__ == BUNDLE_MODULES["hub"]:
         spec = importlib.util.find_spec(BUNDLE_MODULES[name])
         if spec is None or spec.origin is None:
             raise FileNotFoundError(f"Cannot locate the source of {BUNDLE_MODULES[name]} for the remote-code bundle.")
         return spec.origin
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    sibling = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    if os.path.isfile(sibling):
+        return sibling
+    for module_name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if module_name.rsplit(".", 1)[-1] == name and path and os.path.isfile(path):
+            return path
+    return None
 
 
-def bundle_source(name: str) -> str:
-    """The text of the flat bundle file `name`.py: the module's source with package imports made sibling imports.
+def bundle_source(name: str) -> str | None:
+    """The text of the flat bundle file `name`.py: the module's source with package imports made sibling imports
+    (None inside a loaded bundle that lacks that file).
 
     Raises:
         ValueError: if the module imports a part of xmodal that is not in the bundle.
@@ -61,7 +73,10 @@ def bundle_source(name: str) -> str:
             raise ValueError(f"{name}.py imports xmodal module {match.group(2)!r}, which is not in the bundle.")
         return f"{match.group(1)}from .{match.group(2)} import"
 
-    with open(_source_path(name), encoding="utf-8") as handle:
+    path = _source_path(name)
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as handle:
         text = _PACKAGE_IMPORT.sub(rewrite, handle.read())
     if _ANY_PACKAGE_IMPORT.search(text):
         raise ValueError(f"{name}.py imports the xmodal package in a form the bundle cannot rewrite.")
@@ -79,6 +94,8 @@ def write_remote_code(save_directory: str | os.PathLike) -> list[str]:
     for name in BUNDLE_MODULES:
         path = os.path.join(save_directory, f"{name}.py")
         text = bundle_source(name)
+        if text is None:
+            continue
         tmp_path = f"{path}.tmp"
         with open(tmp_path, "w", encoding="utf-8") as handle:
             handle.write(text)

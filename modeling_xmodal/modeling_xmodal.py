@@ -422,7 +422,8 @@ class XModalTextTransformer(nn.Module):
 def _build_tower(config: PreTrainedConfig, builtin_class: type[nn.Module], builtin_config: type) -> nn.Module:
     """The built-in tower for an xmodal tower config, else `AutoModel.from_config` (e.g. ViT, BERT) without its
     unused pooling head."""
-    if isinstance(config, builtin_config):
+    # compare model types, not classes: remote code may load the config module more than once
+    if config.model_type == builtin_config.model_type:
         return builtin_class(config)
     if not isinstance(getattr(config, "hidden_size", None), int):
         raise ValueError(
@@ -774,7 +775,7 @@ class XModalModel(XModalPreTrainedModel):
 def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrainedModel | nn.Module:
     """A tower from a path / Hub id / model; an xmodal model contributes its own `vision_model`/`text_model`."""
     model = name_or_model if isinstance(name_or_model, nn.Module) else AutoModel.from_pretrained(name_or_model)
-    if isinstance(model, XModalPreTrainedModel):
+    if getattr(getattr(model, "config", None), "model_type", None) == XModalConfig.model_type:
         tower = getattr(model, attribute)
         tower.config = getattr(model.config, attribute.replace("_model", "_config"))
         return tower

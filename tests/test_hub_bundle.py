@@ -1,0 +1,193 @@
+"""The Hub bundle: a saved folder loads with trust_remote_code in a fresh process where xmodal cannot be imported,
+gives bit-identical outputs, and serves the zero-shot pipeline."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoImageProcessor, AutoProcessor, pipeline
+
+from xmodal import AUTO_MAP, XModalImageProcessor, XModalModel, XModalProcessor, train_tokenizer
+from xmodal.hub import BUNDLE_MODULES as BUNDLE_FILES
+
+CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two yellow stars", "a purple cross at the top"]
+ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "safetensors"} | set(sys.stdlib_module_names)
+
+
+def _images(count: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory) -> Path:
+    from conftest import XModalModelTester
+
+    folder = tmp_path_factory.mktemp("bundle")
+    tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=60, model_max_length=16)
+    tester = XModalModelTester(vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    model = XModalModel(tester.get_config(text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32,
+                                                       "hidden_size": 32, "intermediate_size": 37,
+                                                       "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                       "pad_token_id": tokenizer.pad_token_id})).eval()
+    processor = XModalProcessor(XModalImageProcessor(size={"height": 16, "width": 16}), tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    inputs = processor(images=_images(3), text=CAPTIONS[:3], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+        fused = model.get_multimodal_features(**inputs).pooler_output
+    save_file({**dict(inputs), "logits_per_image": out.logits_per_image.contiguous(), "fused": fused.contiguous()}, folder / "expected.safetensors")
+    return folder
+
+
+def test_bundle_files_and_auto_map(saved_folder):
+    for name in BUNDLE_FILES:
+        assert (saved_folder / f"{name}.py").is_file()
+    config = json.loads((saved_folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    processor_config = json.loads((saved_folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_xmodal.XModalProcessor"
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_xmodal.XModalImageProcessor"
+    )
+    assert (saved_folder / "model.safetensors").is_file() and not list(saved_folder.glob("*.bin"))
+
+
+def test_bundle_imports_only_allowed_modules(saved_folder):
+    siblings = set(BUNDLE_FILES)
+    for name in BUNDLE_FILES:
+        tree = ast.parse((saved_folder / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1 and node.module in siblings, f"{name}.py: from {'.' * node.level}{node.module}"
+                    continue
+                roots = [node.module.split(".")[0]]
+            else:
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("eval", "exec"):
+                    pytest.fail(f"{name}.py calls {node.func.id}")
+                continue
+            for root in roots:
+                assert root in ALLOWED_IMPORTS, f"{name}.py imports {root}"
+
+
+_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    class _NoXModal:
+        def find_spec(self, name, path=None, target=None):
+            if name == "xmodal" or name.startswith("xmodal."):
+                raise ModuleNotFoundError(f"xmodal is deliberately not importable here: {name}")
+            return None
+
+    sys.meta_path.insert(0, _NoXModal())
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification,
+                              AutoModelForZeroShotImageClassification, AutoProcessor, pipeline)
+
+    folder, out_path = sys.argv[1], sys.argv[2]
+    expected = load_file(f"{folder}/expected.safetensors")
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    zero_shot = AutoModelForZeroShotImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    classifier = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True, num_labels=3)
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(processor).__name__ == "XModalProcessor" and type(image_processor).__name__ == "XModalImageProcessor"
+    inputs = {k: expected[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids") if k in expected}
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+        fused = model.get_multimodal_features(**inputs).pooler_output
+        zs_logits = zero_shot(**inputs).logits_per_image
+        class_logits = classifier(pixel_values=inputs["pixel_values"]).logits
+    images = [Image.new("RGB", (20, 24), (255, 0, 0))]
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    pipe = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    result = pipe(images[0], candidate_labels=["a red circle", "a blue square"], hypothesis_template="{}")
+    assert len(result) == 2 and abs(sum(r["score"] for r in result) - 1) < 1e-5, result
+    # a remotely loaded model saves a complete bundle again
+    model.save_pretrained(f"{out_path}.resaved")
+    assert "xmodal" not in sys.modules
+    save_file({"logits_per_image": logits.contiguous(), "fused": fused.contiguous(), "zs_logits": zs_logits.contiguous(), "pixel_values": pixel_values,
+               "class_logits": class_logits}, out_path)
+    print("REMOTE-OK", config.model_type, type(classifier).__name__)
+    """
+)
+
+
+def test_remote_code_round_trip_without_xmodal(saved_folder, tmp_path):
+    script = tmp_path / "remote.py"
+    script.write_text(_REMOTE_SCRIPT)
+    out_path = tmp_path / "remote_outputs.safetensors"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), str(saved_folder), str(out_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REMOTE-OK xmodal XModalForImageClassification" in result.stdout
+    remote = load_file(out_path)
+    expected = load_file(saved_folder / "expected.safetensors")
+    assert torch.equal(remote["logits_per_image"], expected["logits_per_image"])
+    assert torch.equal(remote["zs_logits"], expected["logits_per_image"])
+    assert torch.equal(remote["fused"], expected["fused"])
+    local_pixels = XModalProcessor.from_pretrained(saved_folder)(
+        images=[Image.new("RGB", (20, 24), (255, 0, 0))], return_tensors="pt"
+    )["pixel_values"]
+    assert torch.equal(remote["pixel_values"], local_pixels)
+    resaved = Path(f"{out_path}.resaved")
+    for name in BUNDLE_FILES:
+        assert (resaved / f"{name}.py").read_text() == (saved_folder / f"{name}.py").read_text()
+    assert json.loads((resaved / "config.json").read_text())["auto_map"] == AUTO_MAP
+
+
+def test_processor_round_trip_through_auto_classes(saved_folder):
+    processor = AutoProcessor.from_pretrained(saved_folder)
+    assert isinstance(processor, XModalProcessor)
+    assert isinstance(AutoImageProcessor.from_pretrained(saved_folder), XModalImageProcessor)
+    original = XModalProcessor.from_pretrained(saved_folder)
+    a = processor(images=_images(2), text=CAPTIONS[:2], return_tensors="pt")
+    b = original(images=_images(2), text=CAPTIONS[:2], return_tensors="pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_shot_pipeline_with_installed_package(saved_folder):
+    classifier = pipeline("zero-shot-image-classification", model=str(saved_folder))
+    labels = ["a red circle", "a blue square", "a green triangle"]
+    result = classifier(_images(1)[0], candidate_labels=labels, hypothesis_template="{}")
+    assert sorted(r["label"] for r in result) == sorted(labels)
+    assert abs(sum(r["score"] for r in result) - 1.0) < 1e-5
+    assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
+    # the pipeline's scores are the model's softmax over labels
+    model = XModalModel.from_pretrained(saved_folder).eval()
+    processor = XModalProcessor.from_pretrained(saved_folder)
+    inputs = processor(images=_images(1)[0], text=labels, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**inputs).logits_per_image.softmax(-1)[0]
+    by_label = {r["label"]: r["score"] for r in result}
+    np.testing.assert_allclose([by_label[label] for label in labels], probs.numpy(), atol=1e-5)
+
+
+def test_expected_inputs_file_is_complete(saved_folder):
+    expected = load_file(saved_folder / "expected.safetensors")
+    assert {"input_ids", "attention_mask", "pixel_values", "logits_per_image", "fused"} <= set(expected)

@@ -1,0 +1,43 @@
+"""Datasets for xmodal pretraining; the embedded default is the procedural scene dataset of :mod:`.synthetic`."""
+
+from .synthetic import (
+    ANSWER_VOCAB,
+    COLORS,
+    DEFAULT_IMAGE_SIZE,
+    FEATURES,
+    MAX_IMAGE_SIZE,
+    MAX_OBJECTS,
+    MIN_IMAGE_SIZE,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    ask_questions,
+    caption_corpus,
+    describe_scene,
+    make_synthetic_dataset,
+    render_scene,
+    sample_scene,
+)
+
+__all__ = [
+    "ANSWER_VOCAB",
+    "COLORS",
+    "DEFAULT_IMAGE_SIZE",
+    "FEATURES",
+    "MAX_IMAGE_SIZE",
+    "MAX_OBJECTS",
+    "MIN_IMAGE_SIZE",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Scene",
+    "SceneObject",
+    "ask_questions",
+    "caption_corpus",
+    "describe_scene",
+    "make_synthetic_dataset",
+    "render_scene",
+    "sample_scene",
+]
