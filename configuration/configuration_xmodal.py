@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 
-from xmodal.hub import AUTO_MAP, write_remote_code
+from xmodal.hub import AUTO_MAP, reject_push_in_save, write_remote_code
 
 FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
 POOLING_MODES = ("cls", "mean")
@@ -284,9 +284,10 @@ class XModalConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads
         with `trust_remote_code=True` where xmodal is not installed."""
-        write_remote_code(save_directory)
+        reject_push_in_save({"push_to_hub": push_to_hub})
         self.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        super().save_pretrained(save_directory, **kwargs)
+        write_remote_code(save_directory)
 
     @classmethod
     def available_presets(cls) -> list[str]:

@@ -109,9 +109,27 @@ class RemoteCodeSaveMixin:
     remote-code bundle. Put it first among the bases of a processor class."""
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        reject_push_in_save(kwargs)
         result = super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
         return result
 
 
-__all__ = ["AUTO_MAP", "BUNDLE_MODULES", "RemoteCodeSaveMixin", "bundle_source", "write_remote_code"]
+def reject_push_in_save(kwargs: dict[str, Any]) -> None:
+    """transformers' `save_pretrained(push_to_hub=True)` uploads before the remote-code files are in place:
+    refuse it and point to `push_to_hub`, which saves into a fresh folder and uploads all of it."""
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "save_pretrained(..., push_to_hub=True) would upload an incomplete remote-code bundle; "
+            "call .push_to_hub(repo_id) instead (it saves the complete folder, then uploads it)."
+        )
+
+
+__all__ = [
+    "AUTO_MAP",
+    "BUNDLE_MODULES",
+    "RemoteCodeSaveMixin",
+    "bundle_source",
+    "reject_push_in_save",
+    "write_remote_code",
+]

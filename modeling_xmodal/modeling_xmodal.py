@@ -8,6 +8,7 @@ transformers and its siblings.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -432,7 +433,8 @@ def _build_tower(config: PreTrainedConfig, builtin_class: type[nn.Module], built
         )
     model_class = AutoModel._model_mapping[type(config)]
     kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
-    return model_class._from_config(config, **kwargs)
+    # build in the default dtype: a tower config saved in bf16 must not make one tower bf16 and the rest fp32
+    return model_class._from_config(config, dtype=torch.get_default_dtype(), **kwargs)
 
 
 def _pool(
@@ -687,7 +689,7 @@ class XModalModel(XModalPreTrainedModel):
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(num_texts, num_images)` of L2-normalised embeddings, with the learnable
         temperature clamped so that exp(logit_scale) <= max_logit_scale (CLIP)."""
-        scale = self.logit_scale.clamp(max=torch.log(torch.tensor(self.config.max_logit_scale))).exp()
+        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
         return scale * text_embeds @ image_embeds.t()
 
     @can_return_tuple
@@ -716,7 +718,8 @@ class XModalModel(XModalPreTrainedModel):
         Returns:
             [`XModalOutput`].
         """
-        output_hidden_states = bool(output_hidden_states)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
         text_outputs = self.get_text_features(
             input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
@@ -761,7 +764,7 @@ class XModalModel(XModalPreTrainedModel):
         """
         vision = _load_tower(vision_model_name_or_path, "vision_model")
         text = _load_tower(text_model_name_or_path, "text_model")
-        config = XModalConfig(vision_config=vision.config, text_config=text.config, **config_overrides)
+        config = XModalConfig.from_vision_text_configs(vision.config, text.config, **config_overrides)
         model = cls(config)
         for name, tower in (("vision_model", vision), ("text_model", text)):
             missing, unexpected = getattr(model, name).load_state_dict(tower.state_dict(), strict=False)
@@ -781,7 +784,8 @@ def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrai
         return tower
     if not hasattr(model, "config"):
         raise TypeError(f"{attribute} must be a transformers model or a path to one, got {type(model).__name__}.")
-    return model
+    # a task model (e.g. ViTForImageClassification) contributes its base model (ViTModel)
+    return getattr(model, "base_model", model)
 
 
 class XModalForImageClassification(XModalPreTrainedModel):
@@ -817,7 +821,9 @@ class XModalForImageClassification(XModalPreTrainedModel):
         if pixel_values is None:
             raise ValueError("pixel_values is required (a float tensor of shape (batch_size, 3, height, width)).")
         kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
-        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=bool(output_hidden_states), **kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
+        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, **kwargs)
         logits = self.classifier(_pool(outputs.last_hidden_state, self.config.vision_pooling, is_image=True))
         loss = None
         if labels is not None:

@@ -26,7 +26,9 @@ class EvaluateArguments:
     num_eval_examples: int = field(default=1000, metadata={"help": "Procedural test scenes to retrieve among."})
     seed: int = field(default=0, metadata={"help": "Seed of the procedural data."})
     batch_size: int = field(default=250, metadata={"help": "Batch size for embedding."})
-    max_length: int = field(default=32, metadata={"help": "Longest caption in tokens."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Longest caption in tokens (default: the tokenizer's model_max_length)."}
+    )
 
 
 def _parse(dataclass_type: type, argv: list[str], prog: str) -> object:
@@ -63,7 +65,8 @@ def _evaluate(argv: list[str]) -> int:
     test = make_synthetic_dataset(
         num_train=0, num_validation=0, num_test=args.num_eval_examples, seed=args.seed, image_size=size
     )["test"]
-    metrics = evaluate_retrieval(model, processor, test, batch_size=args.batch_size, max_length=args.max_length)
+    max_length = args.max_length or processor.tokenizer.model_max_length
+    metrics = evaluate_retrieval(model, processor, test, batch_size=args.batch_size, max_length=max_length)
     print(json.dumps(metrics, indent=2))
     return 0
 

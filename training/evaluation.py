@@ -29,11 +29,14 @@ def retrieval_metrics(
     """
     if logits_per_text.ndim != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
         raise ValueError(f"retrieval_metrics needs a square (N, N) similarity matrix, got {tuple(logits_per_text.shape)}.")
+    if not torch.isfinite(logits_per_text).all():
+        raise ValueError("retrieval_metrics got non-finite similarities (a diverged model or NaN embeddings).")
     metrics: dict[str, float] = {}
     for name, scores in (("text_to_image", logits_per_text), ("image_to_text", logits_per_text.t())):
         true_scores = scores.diagonal().unsqueeze(1)
-        # rank = 1 + number of candidates scoring strictly higher than the true match
-        ranks = 1 + (scores > true_scores).sum(dim=1)
+        # rank = number of candidates scoring at least as high as the true match: ties count against the model,
+        # so a collapsed model (all scores equal) ranks last, not first
+        ranks = (scores >= true_scores).sum(dim=1)
         for k in ks:
             metrics[f"{name}_R@{k}"] = (ranks <= k).float().mean().item()
         metrics[f"{name}_mean_rank"] = ranks.float().mean().item()

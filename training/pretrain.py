@@ -8,6 +8,7 @@ model card, metrics).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -38,11 +39,11 @@ class PretrainArguments:
     num_eval_examples: int = field(default=1000, metadata={"help": "Procedural validation and test scenes each."})
     vocab_size: int = field(default=2048, metadata={"help": "WordPiece vocabulary trained on the captions."})
     max_length: int = field(default=32, metadata={"help": "Longest caption in tokens (special tokens included)."})
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps to train."})
-    batch_size: int = field(default=64, metadata={"help": "Image-text pairs per step (the contrastive batch)."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
+    max_steps: int = field(default=240, metadata={"help": "Optimizer steps to train."})
+    batch_size: int = field(default=64, metadata={"help": "Image-text pairs per step and process (the negatives)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings)."})
-    warmup_steps: int = field(default=30, metadata={"help": "Linear warmup steps before the cosine decay."})
+    warmup_steps: int = field(default=25, metadata={"help": "Linear warmup steps before the cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, fp16 or bf16."})
@@ -53,8 +54,19 @@ class PretrainArguments:
         for name in ("num_train_examples", "num_eval_examples", "vocab_size", "max_length", "max_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"--warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}.")
+        if self.batch_size > self.num_train_examples:
+            raise ValueError(
+                f"--batch_size ({self.batch_size}) exceeds --num_train_examples ({self.num_train_examples}): "
+                "an epoch would hold no full batch."
+            )
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
 
@@ -130,27 +142,41 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         The metrics written to `output_dir/metrics.json`: retrieval Recall@1/5/10 both ways, the loss curve and
         timing.
     """
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # The fusion module takes no part in the contrastive loss: DDP must tolerate its unused parameters.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     set_seed(args.seed)
+    preset = XModalConfig.from_preset(args.preset)
     data = make_synthetic_dataset(
         num_train=args.num_train_examples,
         num_validation=args.num_eval_examples,
         num_test=args.num_eval_examples,
         seed=args.seed,
+        image_size=preset.vision_config.image_size,
     )
     tokenizer = train_tokenizer(
         caption_corpus(data["train"]), vocab_size=args.vocab_size, model_max_length=args.max_length
     )
     config = XModalConfig.from_preset(
-        args.preset, text_config={"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+        args.preset,
+        text_config={
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "max_position_embeddings": max(args.max_length, preset.text_config.max_position_embeddings),
+        },
     )
     processor = build_processor(tokenizer, config)
     model = XModalModel(config)
 
     loader = _train_loader(data["train"], ImageTextCollator(processor, args.max_length), args)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
+    # stepped once per optimizer step by us (a prepared scheduler would step once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    logit_scale = accelerator.unwrap_model(model).logit_scale
+    max_log_scale = math.log(config.max_logit_scale)
 
     losses: list[float] = []
     model.train()
@@ -166,6 +192,9 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                # clamp the parameter itself (open_clip) so it keeps receiving gradient at the bound
+                logit_scale.clamp_(0, max_log_scale)
             step += 1
             losses.append(loss.item())
             elapsed = time.perf_counter() - start
@@ -210,7 +239,13 @@ def save_pretrained_folder(
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": asdict(args), **metrics}, handle, indent=2)
-    write_model_card(args.output_dir, model.config, metrics, training_arguments=asdict(args))
+    write_model_card(
+        args.output_dir,
+        model.config,
+        metrics,
+        training_arguments=asdict(args),
+        num_parameters=model.num_parameters(),
+    )
 
 
 def format_retrieval_table(metrics: dict[str, Any]) -> str:
