@@ -284,7 +284,7 @@ class XModalConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads
         with `trust_remote_code=True` where xmodal is not installed."""
-        reject_push_in_save({"push_to_hub": push_to_hub})
+        reject_push_in_save(push_to_hub)
         self.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, **kwargs)
         write_remote_code(save_directory)

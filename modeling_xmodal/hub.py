@@ -55,7 +55,8 @@ def _source_path(name: str) -> str | None:
         return sibling
     for module_name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if module_name.rsplit(".", 1)[-1] == name and path and os.path.isfile(path):
+        is_bundle_copy = module_name.startswith("transformers_modules.") and module_name.endswith(f".{name}")
+        if is_bundle_copy and path and os.path.isfile(path):
             return path
     return None
 
@@ -109,16 +110,16 @@ class RemoteCodeSaveMixin:
     remote-code bundle. Put it first among the bases of a processor class."""
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        reject_push_in_save(kwargs)
+        reject_push_in_save(kwargs.get("push_to_hub", False))
         result = super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
         return result
 
 
-def reject_push_in_save(kwargs: dict[str, Any]) -> None:
+def reject_push_in_save(push_to_hub: bool) -> None:
     """transformers' `save_pretrained(push_to_hub=True)` uploads before the remote-code files are in place:
     refuse it and point to `push_to_hub`, which saves into a fresh folder and uploads all of it."""
-    if kwargs.get("push_to_hub"):
+    if push_to_hub:
         raise ValueError(
             "save_pretrained(..., push_to_hub=True) would upload an incomplete remote-code bundle; "
             "call .push_to_hub(repo_id) instead (it saves the complete folder, then uploads it)."

@@ -779,9 +779,7 @@ def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrai
     """A tower from a path / Hub id / model; an xmodal model contributes its own `vision_model`/`text_model`."""
     model = name_or_model if isinstance(name_or_model, nn.Module) else AutoModel.from_pretrained(name_or_model)
     if getattr(getattr(model, "config", None), "model_type", None) == XModalConfig.model_type:
-        tower = getattr(model, attribute)
-        tower.config = getattr(model.config, attribute.replace("_model", "_config"))
-        return tower
+        return getattr(model, attribute)
     if not hasattr(model, "config"):
         raise TypeError(f"{attribute} must be a transformers model or a path to one, got {type(model).__name__}.")
     # a task model (e.g. ViTForImageClassification) contributes its base model (ViTModel)

@@ -188,6 +188,12 @@ def test_zero_shot_pipeline_with_installed_package(saved_folder):
     np.testing.assert_allclose([by_label[label] for label in labels], probs.numpy(), atol=1e-5)
 
 
-def test_expected_inputs_file_is_complete(saved_folder):
-    expected = load_file(saved_folder / "expected.safetensors")
-    assert {"input_ids", "attention_mask", "pixel_values", "logits_per_image", "fused"} <= set(expected)
+
+def test_save_with_push_is_refused_where_it_would_upload_an_incomplete_bundle(saved_folder, tmp_path):
+    # config and processor saves would upload before the bundle is written: refused before any network call.
+    # (model.save_pretrained(push_to_hub=True) is fine: the config's bundle is written before its upload.)
+    config = XModalModel.config_class.from_pretrained(saved_folder)
+    with pytest.raises(ValueError, match=r"call \.push_to_hub\(repo_id\) instead"):
+        config.save_pretrained(tmp_path / "push", push_to_hub=True)
+    with pytest.raises(ValueError, match="incomplete remote-code bundle"):
+        XModalProcessor.from_pretrained(saved_folder).save_pretrained(tmp_path / "push", push_to_hub=True)
