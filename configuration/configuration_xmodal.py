@@ -20,6 +20,8 @@ from xmodal.hub import AUTO_MAP, reject_push_in_save, write_remote_code
 
 FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
 POOLING_MODES = ("cls", "mean")
+CONTRASTIVE_LOSS_TYPES = ("nt_xent", "siglip")
+MIM_SOURCES = ("image", "fused")
 LOSS_WEIGHT_FIELDS = (
     "contrastive_loss_weight",
     "itm_loss_weight",
@@ -189,6 +191,52 @@ class XModalCrossConfig(PreTrainedConfig):
         _check_transformer_dims(self)
 
 
+class XModalDecoderConfig(PreTrainedConfig):
+    r"""Configuration of the xmodal text decoder used for captioning and generative VQA: token and position
+    embeddings, then pre-LayerNorm blocks of causal self-attention, cross-attention to the image tokens and an MLP,
+    and a language-modelling head tied to the token embeddings.
+
+    Args:
+        vocab_size (`int`): vocabulary size; must match the tokenizer (the text tower's, by default).
+        hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, hidden_act, layer_norm_eps,
+        hidden_dropout_prob, attention_dropout, initializer_range: as for the towers.
+        max_position_embeddings (`int`): longest sequence (prompt plus generated tokens).
+        bos_token_id, eos_token_id, pad_token_id (`int`): generation starts with `bos_token_id` ([CLS] of the
+            xmodal tokenizer) and stops at `eos_token_id` ([SEP]).
+    """
+
+    model_type: ClassVar[str] = "xmodal_text_decoder"
+    base_config_key: ClassVar[str] = "decoder_config"
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 512
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float = 0.0
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 3
+    pad_token_id: int | None = 0
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        _check_transformer_dims(self)
+        _check_positive_int(self, "vocab_size", "max_position_embeddings")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
+                raise ValueError(
+                    f"XModalDecoderConfig.{name} ({value!r}) must be None or an id in [0, vocab_size={self.vocab_size})."
+                )
+
+
 def _tower_config(
     value: PreTrainedConfig | dict | None, default_class: type[PreTrainedConfig], field: str
 ) -> PreTrainedConfig:
@@ -198,7 +246,9 @@ def _tower_config(
     if value is None:
         return default_class()
     if not isinstance(value, dict):
-        raise TypeError(f"XModalConfig.{field} must be a PreTrainedConfig, a dict or None, got {type(value).__name__}.")
+        raise TypeError(
+            f"XModalConfig.{field} must be a PreTrainedConfig, a dict or None, got {type(value).__name__}."
+        )
     value = dict(value)
     model_type = value.pop("model_type", default_class.model_type)
     if model_type == default_class.model_type:
@@ -226,7 +276,32 @@ class XModalConfig(PreTrainedConfig):
             ln(1/0.07) as in CLIP.
         max_logit_scale (`float`): upper clamp of exp(logit_scale) (100 in CLIP).
         vision_pooling, text_pooling (`str`): `"cls"` (first token) or `"mean"` (masked mean of tokens).
-        *_loss_weight (`float`): weights of the pretraining objectives (0 disables an objective).
+        decoder_config (`dict` or `XModalDecoderConfig`, *optional*): the captioning decoder; by default as wide
+            and deep as the fusion module, over the text tower's vocabulary.
+        *_loss_weight (`float`): weights of the pretraining objectives in [`XModalForPreTraining`]: contrastive,
+            image-text matching, masked language modelling, masked image modelling, captioning and VQA
+            (0 disables an objective and skips its compute).
+        contrastive_loss_type (`str`): `"nt_xent"` (symmetric InfoNCE with the learnable temperature, CLIP) or
+            `"siglip"` (pairwise sigmoid loss with a learnable bias, SigLIP).
+        label_smoothing (`float`): label smoothing of the InfoNCE cross-entropies.
+        logit_bias_init_value (`float`): initial SigLIP bias (-10 in the paper; use logit_scale_init_value=ln 10).
+        queue_size (`int`): K, the number of past momentum embeddings used as extra negatives (MoCo/ALBEF);
+            0 disables the queue and the momentum encoders.
+        momentum (`float`): EMA coefficient of the momentum encoders.
+        save_queue (`bool`): whether `save_pretrained` writes the queue and the momentum encoders.
+        multiview_loss_weight (`float`): weight of the image-image NT-Xent term when two augmented views are given.
+        itm_hard_negatives (`bool`): sample ITM negatives from the contrastive similarities (ALBEF) instead of
+            uniformly.
+        itm_rerank_top_k (`int`): candidates per query that [`XModalForImageTextRetrieval`] re-ranks with ITM.
+        mlm_probability (`float`): share of text tokens masked for MLM (BERT's 80/10/10 rule applies).
+        mask_token_id (`int`): the [MASK] id; special_token_ids (`list[int]`): ids never masked (default:
+            padding, [CLS]=2, [SEP]=3 and [MASK] of the xmodal tokenizer).
+        mim_mask_ratio (`float`): share of image patches masked for MIM.
+        mim_source (`str`): reconstruct from the image tower's tokens (`"image"`) or from the fused image stream
+            (`"fused"`, needs `cross_config.direction` `image_to_text` or `both`).
+        mim_norm_pix_loss (`bool`): regress per-patch normalised pixels (MAE).
+        tie_word_embeddings (`bool`): tie the MLM head to the text tower's word embeddings and the captioning
+            head to the decoder's token embeddings.
 
     Example:
 
@@ -242,11 +317,13 @@ class XModalConfig(PreTrainedConfig):
         "vision_config": XModalVisionConfig,
         "text_config": XModalTextConfig,
         "cross_config": XModalCrossConfig,
+        "decoder_config": XModalDecoderConfig,
     }
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
     cross_config: PreTrainedConfig | dict | None = None
+    decoder_config: PreTrainedConfig | dict | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     max_logit_scale: float = 100.0
@@ -258,6 +335,22 @@ class XModalConfig(PreTrainedConfig):
     mim_loss_weight: float = 1.0
     captioning_loss_weight: float = 1.0
     vqa_loss_weight: float = 1.0
+    contrastive_loss_type: str = "nt_xent"
+    label_smoothing: float = 0.0
+    logit_bias_init_value: float = -10.0
+    queue_size: int = 0
+    momentum: float = 0.995
+    save_queue: bool = False
+    multiview_loss_weight: float = 1.0
+    itm_hard_negatives: bool = True
+    itm_rerank_top_k: int = 16
+    mlm_probability: float = 0.15
+    mask_token_id: int = 4
+    special_token_ids: list[int] | None = None
+    mim_mask_ratio: float = 0.6
+    mim_source: str = "image"
+    mim_norm_pix_loss: bool = True
+    tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -265,10 +358,23 @@ class XModalConfig(PreTrainedConfig):
         self.text_config = _tower_config(self.text_config, XModalTextConfig, "text_config")
         if isinstance(self.cross_config, dict):
             self.cross_config = XModalCrossConfig(**{k: v for k, v in self.cross_config.items() if k != "model_type"})
+        if self.decoder_config is None:
+            self.decoder_config = self._default_decoder_config()
+        elif isinstance(self.decoder_config, dict):
+            self.decoder_config = XModalDecoderConfig(
+                **{k: v for k, v in self.decoder_config.items() if k != "model_type"}
+            )
+        if self.special_token_ids is None:
+            self.special_token_ids = sorted(
+                {token for token in (getattr(self.text_config, "pad_token_id", None), 2, 3, self.mask_token_id)}
+                - {None}
+            )
         super().__post_init__(**kwargs)
         _check_positive_int(self, "projection_dim")
         if not isinstance(self.logit_scale_init_value, (int, float)) or not math.isfinite(self.logit_scale_init_value):
-            raise ValueError(f"XModalConfig.logit_scale_init_value must be finite, got {self.logit_scale_init_value!r}.")
+            raise ValueError(
+                f"XModalConfig.logit_scale_init_value must be finite, got {self.logit_scale_init_value!r}."
+            )
         if not isinstance(self.max_logit_scale, (int, float)) or self.max_logit_scale <= 0:
             raise ValueError(f"XModalConfig.max_logit_scale must be positive, got {self.max_logit_scale!r}.")
         for field in ("vision_pooling", "text_pooling"):
@@ -276,10 +382,43 @@ class XModalConfig(PreTrainedConfig):
                 raise ValueError(
                     f"XModalConfig.{field} {getattr(self, field)!r} is unknown; accepted: {', '.join(POOLING_MODES)}."
                 )
-        for field in LOSS_WEIGHT_FIELDS:
+        if self.contrastive_loss_type not in CONTRASTIVE_LOSS_TYPES:
+            raise ValueError(
+                f"XModalConfig.contrastive_loss_type {self.contrastive_loss_type!r} is unknown; accepted: "
+                f"{', '.join(CONTRASTIVE_LOSS_TYPES)}."
+            )
+        if self.mim_source not in MIM_SOURCES:
+            raise ValueError(
+                f"XModalConfig.mim_source {self.mim_source!r} is unknown; accepted: {', '.join(MIM_SOURCES)}."
+            )
+        _check_probability(self, "label_smoothing", "mlm_probability")
+        for field in ("mim_mask_ratio", "momentum"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+                raise ValueError(f"XModalConfig.{field} must be a float in (0, 1), got {value!r}.")
+        _check_positive_int(self, "queue_size", allow_zero=True)
+        if self.queue_size and self.contrastive_loss_type == "siglip":
+            raise ValueError("XModalConfig.queue_size > 0 (momentum queue negatives) needs contrastive_loss_type='nt_xent'.")
+        _check_positive_int(self, "itm_rerank_top_k")
+        _check_positive_int(self, "mask_token_id", allow_zero=True)
+        for field in (*LOSS_WEIGHT_FIELDS, "multiview_loss_weight"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"XModalConfig.{field} must be a non-negative number, got {value!r}.")
+
+    def _default_decoder_config(self) -> XModalDecoderConfig:
+        """A captioning decoder as wide and deep as the fusion module, over the text tower's vocabulary."""
+        text, cross = self.text_config, self.cross_config if isinstance(self.cross_config, PreTrainedConfig) else None
+        cross = cross or XModalCrossConfig()
+        return XModalDecoderConfig(
+            vocab_size=text.vocab_size,
+            max_position_embeddings=getattr(text, "max_position_embeddings", 512),
+            pad_token_id=getattr(text, "pad_token_id", 0),
+            hidden_size=cross.hidden_size,
+            intermediate_size=cross.intermediate_size,
+            num_hidden_layers=max(cross.num_hidden_layers, 1),
+            num_attention_heads=cross.num_attention_heads,
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads
@@ -324,4 +463,4 @@ class XModalConfig(PreTrainedConfig):
         return cls(vision_config=copy.deepcopy(vision_config), text_config=copy.deepcopy(text_config), **kwargs)
 
 
-__all__ = ["XModalConfig", "XModalCrossConfig", "XModalTextConfig", "XModalVisionConfig"]
+__all__ = ["XModalConfig", "XModalCrossConfig", "XModalDecoderConfig", "XModalTextConfig", "XModalVisionConfig"]

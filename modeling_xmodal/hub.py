@@ -33,6 +33,10 @@ AUTO_MAP: dict[str, str] = {
     "AutoModel": "modeling_xmodal.XModalModel",
     "AutoModelForZeroShotImageClassification": "modeling_xmodal.XModalModel",
     "AutoModelForImageClassification": "modeling_xmodal.XModalForImageClassification",
+    "AutoModelForPreTraining": "modeling_xmodal.XModalForPreTraining",
+    "AutoModelForMaskedLM": "modeling_xmodal.XModalForMaskedLM",
+    "AutoModelForImageTextToText": "modeling_xmodal.XModalForConditionalGeneration",
+    "AutoModelForVisualQuestionAnswering": "modeling_xmodal.XModalForVisualQuestionAnswering",
     "AutoProcessor": "processing_xmodal.XModalProcessor",
     "AutoImageProcessor": "image_processing_xmodal.XModalImageProcessor",
 }

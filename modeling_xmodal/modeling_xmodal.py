@@ -7,6 +7,7 @@ transformers and its siblings.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable
@@ -16,17 +17,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithCrossAttentions,
+    ImageClassifierOutput,
+    MaskedLMOutput,
+    SequenceClassifierOutput,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from xmodal.configuration.configuration_xmodal import (
     XModalConfig,
     XModalCrossConfig,
+    XModalDecoderConfig,
     XModalTextConfig,
     XModalVisionConfig,
 )
@@ -94,7 +104,7 @@ class XModalFusionOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     r"""Symmetric InfoNCE / NT-Xent loss (CLIP; Chen et al. 2020) over a square similarity matrix.
 
     For pairs (i, i), L = 1/2 [ -1/N sum_i log softmax_j(s_ij / t) - 1/N sum_i log softmax_j(s_ji / t) ],
@@ -102,9 +112,164 @@ def contrastive_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
 
     Args:
         logits_per_text (`torch.Tensor` of shape `(batch_size, batch_size)`): text rows, image columns.
+        label_smoothing (`float`): label smoothing of both cross-entropies.
     """
     labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    return (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels)) / 2.0
+    forward = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    backward = F.cross_entropy(logits_per_text.t(), labels, label_smoothing=label_smoothing)
+    return (forward + backward) / 2.0
+
+
+def negatives_contrastive_loss(
+    positive_logits: torch.Tensor, negative_logits: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    r"""The explicit-negatives contrastive loss with K negatives per positive (MoCo; the seed article's CIM loss):
+
+    L = -1/N sum_i log( e^{s_pos,i / t} / (e^{s_pos,i / t} + sum_k e^{s_neg,ik / t}) ).
+
+    Args:
+        positive_logits (`torch.Tensor` of shape `(batch_size,)`): s_pos / t.
+        negative_logits (`torch.Tensor` of shape `(batch_size, num_negatives)`): s_neg / t.
+    """
+    logits = torch.cat([positive_logits[:, None], negative_logits], dim=1)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def siglip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    r"""Pairwise sigmoid loss (SigLIP, Zhai et al. 2023): L = -1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b)), with
+    z_ij = 1 for matching pairs and -1 otherwise.
+
+    Args:
+        logits_per_text (`torch.Tensor` of shape `(batch_size, batch_size)`): t x_i.y_j + b, pairs on the diagonal.
+    """
+    batch_size = logits_per_text.shape[0]
+    signs = 2.0 * torch.eye(batch_size, device=logits_per_text.device, dtype=logits_per_text.dtype) - 1.0
+    return -F.logsigmoid(signs * logits_per_text).sum() / batch_size
+
+
+def nt_xent_loss(
+    first_view: torch.Tensor, second_view: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
+    r"""NT-Xent between two views of the same items (SimCLR, Chen et al. 2020; the seed article's form):
+
+    L = -1/2N sum_i log( e^{s_i,p(i) / t} / sum_{k != i} e^{s_ik / t} ) over the 2N embeddings, p(i) being the other
+    view of item i.
+
+    Args:
+        first_view, second_view (`torch.Tensor` of shape `(batch_size, dim)`): embeddings (normalised here).
+        logit_scale: 1 / t (a tensor or a float).
+    """
+    batch_size = first_view.shape[0]
+    embeddings = F.normalize(torch.cat([first_view, second_view]), dim=-1)
+    logits = logit_scale * embeddings @ embeddings.t()  # (2N, 2N)
+    self_mask = torch.eye(2 * batch_size, dtype=torch.bool, device=logits.device)
+    logits = logits.masked_fill(self_mask, torch.finfo(logits.dtype).min)
+    index = torch.arange(batch_size, device=logits.device)
+    labels = torch.cat([index + batch_size, index])
+    return F.cross_entropy(logits, labels)
+
+
+def masked_language_modeling_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the positions whose label is not -100 (0 with a gradient when there are none):
+    `logits` `(B, L, V)`, `labels` `(B, L)`."""
+    if not bool((labels != -100).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+def vqa_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """VQA-v2 soft-score loss: binary cross-entropy against the answer scores, times the number of answers (ViLT,
+    Anderson et al. 2018). `logits` `(B, A)`; `labels` `(B, A)` scores in [0, 1] or `(B,)` answer indices."""
+    if labels.ndim == 1:
+        if labels.dtype.is_floating_point:
+            raise TypeError(
+                "1-D VQA labels must be integer answer indices; soft scores have shape (batch, num_answers)."
+            )
+        if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]:
+            raise ValueError(f"VQA answer indices must be in [0, {logits.shape[-1]}), got {labels.tolist()}.")
+        labels = F.one_hot(labels, logits.shape[-1])
+    if labels.shape != logits.shape:
+        raise ValueError(f"VQA labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape)}.")
+    labels = labels.to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, labels) * labels.shape[-1]
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    special_tokens_mask: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: each token not flagged in `special_tokens_mask` is chosen with `probability`; a chosen token
+    becomes [MASK] with probability 0.8, a uniformly random token with 0.1, and stays unchanged with 0.1.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+        special_tokens_mask (`torch.BoolTensor` of the same shape): True for special and padding tokens.
+
+    Returns:
+        `(masked_input_ids, labels)`; `labels` holds the original id at chosen positions and -100 elsewhere.
+    """
+    device = input_ids.device
+    chosen = torch.rand(input_ids.shape, generator=generator, device=device) < probability
+    chosen &= ~special_tokens_mask.bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    draw = torch.rand(input_ids.shape, generator=generator, device=device)
+    to_mask = chosen & (draw < 0.8)
+    to_random = chosen & (draw >= 0.8) & (draw < 0.9)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device, dtype=input_ids.dtype)
+    masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
+    return torch.where(to_random, random_ids, masked), labels
+
+
+def random_patch_mask(
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A `(batch_size, num_patches)` boolean mask with exactly max(1, round(mask_ratio * num_patches)) True entries
+    per row, chosen uniformly (MAE's random masking)."""
+    num_masked = min(num_patches, max(1, round(mask_ratio * num_patches)))
+    noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    return ranks < num_masked
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(B, C, H, W)` -> `(B, H/P * W/P, P * P * C)`, patches in the row-major order of the patch embedding (MAE)."""
+    batch_size, channels, height, width = pixel_values.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patches = pixel_values.reshape(batch_size, channels, grid_h, patch_size, grid_w, patch_size)
+    return patches.permute(0, 2, 4, 3, 5, 1).reshape(batch_size, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def masked_image_modeling_loss(
+    predictions: torch.Tensor,
+    pixel_values: torch.Tensor,
+    bool_masked_pos: torch.Tensor,
+    patch_size: int,
+    norm_pix: bool,
+) -> torch.Tensor:
+    """Mean squared error on the masked patches only (MAE, He et al. 2022), against per-patch normalised pixels when
+    `norm_pix`. `predictions` `(B, N, P*P*C)`, `pixel_values` `(B, C, H, W)`, `bool_masked_pos` `(B, N)`."""
+    target = patchify(pixel_values, patch_size).to(predictions.dtype)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6).sqrt()
+    per_patch = (predictions - target).pow(2).mean(dim=-1)
+    weights = bool_masked_pos.to(per_patch.dtype)
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts label t + 1 (labels are the input ids, -100 ignored).
+    `logits` `(B, L, V)`, `labels` `(B, L)`."""
+    return masked_language_modeling_loss(logits[:, :-1], labels[:, 1:])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,6 +292,10 @@ def eager_attention_forward(
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
+    elif getattr(module, "is_causal", False) and query.shape[2] > 1:
+        # no mask on a causal module means an unpadded prefill without cache (see `_causal_mask`)
+        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
+        attn_weights = attn_weights.masked_fill(future, torch.finfo(attn_weights.dtype).min)
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
@@ -143,14 +312,38 @@ def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dty
     return mask[:, None, None, :]
 
 
+def _causal_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive `(B, 1, Lq, past + Lq)` mask for causal self-attention over a cache of `past_length` tokens, or None
+    where the attention modules' own causal flag suffices (nothing padded, and no cache or one query)."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past_length == 0 or query_length == 1):
+        return None
+    key_length = past_length + query_length
+    positions = torch.arange(key_length, device=device)
+    future = positions[None, :] > (positions[past_length:, None])  # (Lq, Lk)
+    blocked = future[None, None]
+    if padded:
+        blocked = blocked | (attention_mask[:, None, None, -key_length:] == 0)
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
 class XModalAttention(nn.Module):
     """Multi-head attention through transformers' attention interface (sdpa by default, eager available).
 
     Self-attention uses one fused QKV projection; cross-attention (`is_cross_attention=True`) projects the
-    queries from `hidden_states` and the keys/values from `encoder_hidden_states`.
+    queries from `hidden_states` and the keys/values from `encoder_hidden_states`. Causal self-attention
+    (`is_causal=True`, the captioning decoder) appends its keys/values to a transformers `Cache` when one is given.
     """
 
-    def __init__(self, config: PreTrainedConfig, is_cross_attention: bool = False) -> None:
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        is_cross_attention: bool = False,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.embed_dim = config.hidden_size
@@ -158,7 +351,8 @@ class XModalAttention(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.is_causal = False
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
         self.is_cross_attention = is_cross_attention
         if is_cross_attention:
             self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
@@ -172,9 +366,10 @@ class XModalAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)`, additive `attention_mask`
-        `(B, 1, 1, Lk)` -> `(B, Lq, C)`."""
+        `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`."""
         batch_size, query_length, _ = hidden_states.shape
         if self.is_cross_attention:
             query = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.head_dim)
@@ -184,14 +379,17 @@ class XModalAttention(nn.Module):
         else:
             qkv = self.qkv_proj(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.unbind(dim=2)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, L, D)
+        if cache is not None and not self.is_cross_attention:
+            key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         attn_output, _ = attention_interface(
             self,
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
+            query,
+            key,
+            value,
             attention_mask,
             scaling=self.scaling,
             dropout=self.dropout if self.training else 0.0,
@@ -216,13 +414,20 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block: x + SelfAttn(LN(x)) [+ CrossAttn(LN(x), LN(context))] + MLP(LN(x)).
 
     With `has_cross_attention=True` it is a fusion layer: the queries come from `hidden_states` and the
-    keys/values from `encoder_hidden_states` (the other modality), as in ALBEF/BLIP.
+    keys/values from `encoder_hidden_states` (the other modality), as in ALBEF/BLIP. With `is_causal=True` the
+    self-attention is causal and cached (a decoder layer).
     """
 
-    def __init__(self, config: PreTrainedConfig, has_cross_attention: bool = False) -> None:
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        has_cross_attention: bool = False,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = XModalAttention(config)
+        self.self_attn = XModalAttention(config, is_causal=is_causal, layer_idx=layer_idx)
         self.has_cross_attention = has_cross_attention
         if has_cross_attention:
             self.cross_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -238,9 +443,11 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(B, L, C)`; masks are additive `(B, 1, 1, L)`; `encoder_hidden_states` `(B, Lk, C)`."""
-        hidden_states = hidden_states + self.dropout(self.self_attn(self.layer_norm1(hidden_states), attention_mask))
+        """`hidden_states` `(B, L, C)`; masks are additive `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`."""
+        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache)
+        hidden_states = hidden_states + self.dropout(attended)
         if self.has_cross_attention:
             context = self.context_layer_norm(encoder_hidden_states)
             cross = self.cross_attn(self.cross_layer_norm(hidden_states), encoder_attention_mask, context)
@@ -276,9 +483,10 @@ class XModalEncoder(nn.Module):
 
 class XModalVisionEmbeddings(nn.Module):
     """Conv patch embedding + [CLS] token + learned position embeddings (bicubically interpolated for other
-    resolutions when asked): `(B, C, H, W)` -> `(B, 1 + H/P * W/P, D)`."""
+    resolutions when asked): `(B, C, H, W)` -> `(B, 1 + H/P * W/P, D)`. With `use_mask_token=True`, patches flagged
+    in `bool_masked_pos` are replaced by a learned [MASK] embedding (masked image modelling, BEiT/SimMIM)."""
 
-    def __init__(self, config: XModalVisionConfig) -> None:
+    def __init__(self, config: XModalVisionConfig, use_mask_token: bool = False) -> None:
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
@@ -287,6 +495,7 @@ class XModalVisionEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -302,7 +511,12 @@ class XModalVisionEmbeddings(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, new_height * new_width, dim)
         return torch.cat([class_pos, patch_pos], dim=1)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch_size, {self.config.num_channels}, height, width), "
@@ -319,6 +533,16 @@ class XModalVisionEmbeddings(nn.Module):
             raise ValueError(f"Input image size ({height}x{width}) is smaller than the patch size {self.patch_size}.")
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, num_patches, D)
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a vision tower built with use_mask_token=True.")
+            if bool_masked_pos.shape != patches.shape[:2]:
+                raise ValueError(
+                    f"bool_masked_pos must have shape (batch_size, num_patches)={tuple(patches.shape[:2])}, got "
+                    f"{tuple(bool_masked_pos.shape)}."
+                )
+            weights = bool_masked_pos.unsqueeze(-1).to(patches.dtype)
+            patches = patches * (1.0 - weights) + self.mask_token.to(patches.dtype) * weights
         embeddings = torch.cat([self.class_embedding.expand(batch_size, -1, -1), patches], dim=1)
         return self.dropout(embeddings + self.interpolate_pos_encoding(height, width))
 
@@ -327,10 +551,10 @@ class XModalVisionTransformer(nn.Module):
     """The built-in ViT image tower: `pixel_values` `(B, C, H, W)` -> tokens `(B, 1 + num_patches, D)`, final
     LayerNorm applied."""
 
-    def __init__(self, config: XModalVisionConfig) -> None:
+    def __init__(self, config: XModalVisionConfig, use_mask_token: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = XModalVisionEmbeddings(config)
+        self.embeddings = XModalVisionEmbeddings(config, use_mask_token=use_mask_token)
         self.encoder = XModalEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -339,8 +563,11 @@ class XModalVisionTransformer(nn.Module):
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        hidden_states = self.embeddings(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
+        )
         outputs = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
         outputs.last_hidden_state = self.post_layernorm(outputs.last_hidden_state)
         return outputs
@@ -420,19 +647,29 @@ class XModalTextTransformer(nn.Module):
         return outputs
 
 
-def _build_tower(config: PreTrainedConfig, builtin_class: type[nn.Module], builtin_config: type) -> nn.Module:
+def _build_tower(
+    config: PreTrainedConfig, builtin_class: type[nn.Module], builtin_config: type, use_mask_token: bool = False
+) -> nn.Module:
     """The built-in tower for an xmodal tower config, else `AutoModel.from_config` (e.g. ViT, BERT) without its
-    unused pooling head."""
+    unused pooling head. `use_mask_token` adds the [MASK] patch embedding of masked image modelling."""
     # compare model types, not classes: remote code may load the config module more than once
     if config.model_type == builtin_config.model_type:
-        return builtin_class(config)
+        return builtin_class(config, use_mask_token=use_mask_token) if use_mask_token else builtin_class(config)
     if not isinstance(getattr(config, "hidden_size", None), int):
         raise ValueError(
             f"A {config.model_type!r} tower has no integer `hidden_size`; xmodal supports transformer towers with a "
             "token sequence output (e.g. vit, clip_vision_model, bert, roberta)."
         )
     model_class = AutoModel._model_mapping[type(config)]
-    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+    parameters = inspect.signature(model_class).parameters
+    kwargs = {"add_pooling_layer": False} if "add_pooling_layer" in parameters else {}
+    if use_mask_token:
+        if "use_mask_token" not in parameters:
+            raise ValueError(
+                f"Masked image modelling needs a vision tower with a mask token; {model_class.__name__} has none "
+                "(use the built-in tower or ViT), or set mim_loss_weight=0."
+            )
+        kwargs["use_mask_token"] = True
     # build in the default dtype: a tower config saved in bf16 must not make one tower bf16 and the rest fp32
     return model_class._from_config(config, dtype=torch.get_default_dtype(), **kwargs)
 
@@ -467,7 +704,9 @@ class XModalFusionModel(nn.Module):
         self.image_input_projection = (
             nn.Linear(vision_hidden_size, hidden) if vision_hidden_size != hidden else nn.Identity()
         )
-        self.text_input_projection = nn.Linear(text_hidden_size, hidden) if text_hidden_size != hidden else nn.Identity()
+        self.text_input_projection = (
+            nn.Linear(text_hidden_size, hidden) if text_hidden_size != hidden else nn.Identity()
+        )
         layers = lambda: nn.ModuleList(  # noqa: E731
             [XModalEncoderLayer(config, has_cross_attention=True) for _ in range(config.num_hidden_layers)]
         )
@@ -504,12 +743,203 @@ class XModalFusionModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Task heads
+# --------------------------------------------------------------------------------------------------------------
+
+
+class XModalMLMHead(nn.Module):
+    """BERT's MLM head on fused text tokens: dense + activation + LayerNorm to the text width, then a decoder tied to
+    the text tower's word embeddings: `(B, L, cross_hidden)` -> `(B, L, vocab_size)`."""
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__()
+        cross, text = config.cross_config, config.text_config
+        self.dense = nn.Linear(cross.hidden_size, text.hidden_size)
+        self.activation_fn = ACT2FN[cross.hidden_act]
+        self.layer_norm = nn.LayerNorm(text.hidden_size, eps=cross.layer_norm_eps)
+        self.decoder = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(text.vocab_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(self.activation_fn(self.dense(hidden_states)))) + self.bias
+
+
+class XModalVQAHead(nn.Module):
+    """ViLT's VQA classifier on the fused [CLS]: `(B, cross_hidden)` -> `(B, num_labels)` answer logits."""
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__()
+        hidden = config.cross_config.hidden_size
+        self.dense = nn.Linear(hidden, 2 * hidden)
+        self.activation_fn = ACT2FN[config.cross_config.hidden_act]
+        self.layer_norm = nn.LayerNorm(2 * hidden, eps=config.cross_config.layer_norm_eps)
+        self.classifier = nn.Linear(2 * hidden, config.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layer_norm(self.activation_fn(self.dense(pooled))))
+
+
+class XModalTextDecoder(nn.Module):
+    """The captioning decoder: token + position embeddings, then layers of causal (cached) self-attention,
+    cross-attention to the image tokens and an MLP (BLIP/CoCa): `input_ids` `(B, L)` and image tokens
+    `(B, Li, vision_hidden)` -> `(B, L, decoder_hidden)`."""
+
+    def __init__(self, config: XModalDecoderConfig, vision_hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.encoder_projection = (
+            nn.Linear(vision_hidden_size, config.hidden_size)
+            if vision_hidden_size != config.hidden_size
+            else nn.Identity()
+        )
+        self.layers = nn.ModuleList(
+            [
+                XModalEncoderLayer(config, has_cross_attention=True, is_causal=True, layer_idx=index)
+                for index in range(config.num_hidden_layers)
+            ]
+        )
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """`attention_mask` `(B, past + L)` covers the cached tokens too; returns `(B, L, decoder_hidden)`."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        length = input_ids.shape[1]
+        if past_length + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The decoder sequence ({past_length + length} tokens) exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}; lower max_new_tokens or truncate the prompt."
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(
+                f"Decoder input_ids contain ids outside [0, vocab_size={self.config.vocab_size}) "
+                f"(min {int(input_ids.min())}, max {int(input_ids.max())})."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None, :]
+        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
+        mask = _causal_mask(attention_mask, length, past_length, hidden_states.dtype, hidden_states.device)
+        image = self.encoder_projection(encoder_hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, image, None, cache=cache)
+        return self.final_layer_norm(hidden_states)
+
+
+class XModalMomentumEncoder(nn.Module):
+    """MoCo/ALBEF momentum encoders and queues: exponential moving averages of the towers and projections, whose
+    embeddings of past batches serve as `queue_size` extra negatives per positive.
+
+    The queues are buffers; they and the momentum weights are left out of `save_pretrained` unless
+    `config.save_queue` (they are always in `state_dict()`, so training checkpoints resume exactly). The momentum
+    weights are copied from the online model on the first training step (`initialized` is 0 until then).
+    """
+
+    def __init__(self, model: XModalModel, config: XModalConfig) -> None:
+        super().__init__()
+        self.momentum = config.momentum
+        self.vision_model = copy.deepcopy(model.vision_model)
+        self.text_model = copy.deepcopy(model.text_model)
+        self.visual_projection = copy.deepcopy(model.visual_projection)
+        self.text_projection = copy.deepcopy(model.text_projection)
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.register_buffer("image_queue", torch.zeros(config.queue_size, config.projection_dim))
+        self.register_buffer("text_queue", torch.zeros(config.queue_size, config.projection_dim))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        if not config.save_queue:
+            self._keys_to_ignore_on_save = set(self.state_dict())
+        self._keys_to_ignore_on_load_missing = {r"momentum_encoder\."}
+
+    def _pairs(self, model: XModalModel) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        names = ("vision_model", "text_model", "visual_projection", "text_projection")
+        return [
+            pair
+            for name in names
+            for pair in zip(getattr(model, name).parameters(), getattr(self, name).parameters(), strict=True)
+        ]
+
+    @torch.no_grad()
+    def update(self, model: XModalModel) -> None:
+        """theta_m <- m theta_m + (1 - m) theta (a copy on the first call)."""
+        if not bool(self.initialized):
+            for online, momentum in self._pairs(model):
+                momentum.copy_(online)
+            self.initialized.fill_(True)
+            return
+        for online, momentum in self._pairs(model):
+            momentum.lerp_(online, 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        config: XModalConfig,
+        interpolate_pos_encoding: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised momentum embeddings `(B, projection_dim)` of the images and texts."""
+        kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
+        image = self.vision_model(pixel_values=pixel_values, **kwargs).last_hidden_state
+        text = self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        image = self.visual_projection(_pool(image, config.vision_pooling, is_image=True))
+        text = self.text_projection(_pool(text, config.text_pooling, attention_mask))
+        return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+
+    @torch.no_grad()
+    def enqueue(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        """Writes a batch `(B, projection_dim)` over the oldest queue entries (a ring buffer)."""
+        size, batch_size = self.image_queue.shape[0], image_embeds.shape[0]
+        if batch_size > size:
+            image_embeds, text_embeds, batch_size = image_embeds[-size:], text_embeds[-size:], size
+        index = (int(self.queue_ptr) + torch.arange(batch_size, device=self.queue_ptr.device)) % size
+        self.image_queue[index] = image_embeds.to(self.image_queue.dtype)
+        self.text_queue[index] = text_embeds.to(self.text_queue.dtype)
+        self.queue_ptr.fill_((int(self.queue_ptr) + batch_size) % size)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Pretrained models
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _build_fusion(config: XModalConfig) -> XModalFusionModel | None:
+    """The fusion module sized for the configured towers, or None for a pure dual encoder."""
+    if config.cross_config.num_hidden_layers == 0:
+        return None
+    return XModalFusionModel(config.cross_config, config.vision_config.hidden_size, config.text_config.hidden_size)
+
+
+def _require_stream(config: XModalConfig, stream: str, purpose: str) -> None:
+    """Raises unless the fusion module exists and produces fused `stream` ("text" or "image") tokens."""
+    directions = {"text": ("text_to_image", "both"), "image": ("image_to_text", "both")}[stream]
+    if config.cross_config.num_hidden_layers == 0 or config.cross_config.direction not in directions:
+        raise ValueError(
+            f"{purpose} needs fused {stream} tokens: set cross_config.num_hidden_layers > 0 and cross_config.direction "
+            f"to one of {directions} (got {config.cross_config.num_hidden_layers} layers, "
+            f"direction {config.cross_config.direction!r})."
+        )
+
+
 class XModalPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and the transformers plumbing shared by every xmodal model."""
+    """Weight initialisation, the encoders' plumbing and the transformers integration shared by every xmodal model.
+
+    Every head names its parts alike (`vision_model`, `text_model`, `cross_model`, `visual_projection`, ...), so
+    loading any head from a checkpoint of any other loads the shared weights and initialises only the new ones
+    (transformers lists them in its load report).
+    """
 
     config_class = XModalConfig
     config: XModalConfig
@@ -532,44 +962,34 @@ class XModalPreTrainedModel(PreTrainedModel):
         if isinstance(module, XModalVisionEmbeddings):
             init.trunc_normal_(module.class_embedding, std=module.config.initializer_range)
             init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
-        elif isinstance(module, XModalModel):
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
+        elif isinstance(module, XModalMLMHead):
+            init.zeros_(module.bias)
+        elif isinstance(module, XModalMomentumEncoder):
+            for queue in (module.image_queue, module.text_queue):
+                init.copy_(queue, F.normalize(torch.randn(queue.shape), dim=-1))
+            init.zeros_(module.queue_ptr)
+            init.zeros_(module.initialized)
+        if isinstance(module, XModalModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
-
-
-class XModalModel(XModalPreTrainedModel):
-    """The xmodal model: image and text towers, a contrastive projection with a learnable temperature, and a
-    cross-modal fusion module.
-
-    `forward` gives image-text similarity logits (and the symmetric InfoNCE loss with `return_loss=True`);
-    `get_image_features` / `get_text_features` give projected embeddings; `get_multimodal_features` gives the
-    fused representation of image-text pairs.
-    """
-
-    main_input_name = "input_ids"
-
-    def __init__(self, config: XModalConfig) -> None:
-        super().__init__(config)
-        self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
-        self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
-        vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
-        self.visual_projection = nn.Linear(vision_hidden, config.projection_dim, bias=False)
-        self.text_projection = nn.Linear(text_hidden, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
-        self.cross_model = (
-            XModalFusionModel(config.cross_config, vision_hidden, text_hidden)
-            if config.cross_config.num_hidden_layers > 0
-            else None
-        )
-        self.post_init()
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, self.config.logit_bias_init_value)
 
     def _encode_image(
-        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False, output_hidden_states: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
     ) -> BaseModelOutput:
         if pixel_values is None:
             raise ValueError("pixel_values is required (a float tensor of shape (batch_size, 3, height, width)).")
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states}
         if interpolate_pos_encoding:
             kwargs["interpolate_pos_encoding"] = True
+        if bool_masked_pos is not None:
+            kwargs["bool_masked_pos"] = bool_masked_pos
         return self.vision_model(pixel_values=pixel_values, **kwargs)
 
     def _encode_text(
@@ -587,6 +1007,75 @@ class XModalModel(XModalPreTrainedModel):
         return self.text_model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states, **kwargs
         )
+
+    def fuse(
+        self,
+        image_hidden_states: torch.Tensor,
+        text_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> XModalFusionOutput:
+        """Runs the fusion module on tower outputs already computed (so objectives can share one tower pass).
+
+        Args:
+            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, vision_hidden_size)`).
+            text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): text padding mask.
+        """
+        if getattr(self, "cross_model", None) is None:
+            raise ValueError("This model has no fusion module (cross_config.num_hidden_layers=0).")
+        if image_hidden_states.shape[0] != text_hidden_states.shape[0]:
+            raise ValueError(
+                f"Fusion pairs images with texts one to one: got {image_hidden_states.shape[0]} images and "
+                f"{text_hidden_states.shape[0]} texts."
+            )
+        return self.cross_model(image_hidden_states, text_hidden_states, attention_mask)
+
+    def _fused_pairs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> XModalFusionOutput:
+        image = self._encode_image(pixel_values, interpolate_pos_encoding)
+        text = self._encode_text(input_ids, attention_mask, token_type_ids)
+        return self.fuse(image.last_hidden_state, text.last_hidden_state, attention_mask)
+
+
+class XModalModel(XModalPreTrainedModel):
+    """The xmodal model: image and text towers, a contrastive projection with a learnable temperature, and a
+    cross-modal fusion module.
+
+    `forward` gives image-text similarity logits (and the contrastive loss with `return_loss=True`);
+    `get_image_features` / `get_text_features` give projected embeddings; `get_multimodal_features` gives the
+    fused representation of image-text pairs.
+    """
+
+    main_input_name = "input_ids"
+    _vision_mask_token = False
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__(config)
+        self.vision_model = _build_tower(
+            config.vision_config, XModalVisionTransformer, XModalVisionConfig, use_mask_token=self._vision_mask_token
+        )
+        self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
+        vision_hidden, text_hidden = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.visual_projection = nn.Linear(vision_hidden, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(text_hidden, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+            if config.contrastive_loss_type == "siglip"
+            else None
+        )
+        self.cross_model = _build_fusion(config)
+        self._init_head()
+        self.post_init()
+
+    def _init_head(self) -> None:
+        """Adds a subclass's own modules before `post_init`."""
 
     @can_return_tuple
     def get_image_features(
@@ -641,28 +1130,6 @@ class XModalModel(XModalPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
 
-    def fuse(
-        self,
-        image_hidden_states: torch.Tensor,
-        text_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> XModalFusionOutput:
-        """Runs the fusion module on tower outputs already computed (so objectives can share one tower pass).
-
-        Args:
-            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, vision_hidden_size)`).
-            text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`).
-            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): text padding mask.
-        """
-        if self.cross_model is None:
-            raise ValueError("This model has no fusion module (cross_config.num_hidden_layers=0).")
-        if image_hidden_states.shape[0] != text_hidden_states.shape[0]:
-            raise ValueError(
-                f"Fusion pairs images with texts one to one: got {image_hidden_states.shape[0]} images and "
-                f"{text_hidden_states.shape[0]} texts."
-            )
-        return self.cross_model(image_hidden_states, text_hidden_states, attention_mask)
-
     @can_return_tuple
     def get_multimodal_features(
         self,
@@ -682,15 +1149,21 @@ class XModalModel(XModalPreTrainedModel):
         Returns:
             [`XModalFusionOutput`] with `pooler_output` `(batch_size, cross_hidden_size)`.
         """
-        image = self._encode_image(pixel_values, interpolate_pos_encoding)
-        text = self._encode_text(input_ids, attention_mask, token_type_ids)
-        return self.fuse(image.last_hidden_state, text.last_hidden_state, attention_mask)
+        return self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(num_texts, num_images)` of L2-normalised embeddings, with the learnable
         temperature clamped so that exp(logit_scale) <= max_logit_scale (CLIP)."""
         scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
-        return scale * text_embeds @ image_embeds.t()
+        logits = scale * text_embeds @ image_embeds.t()
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
+    def contrastive_objective(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+        """The configured contrastive loss of a square `(batch_size, batch_size)` logits matrix: InfoNCE with label
+        smoothing, or the SigLIP sigmoid loss."""
+        if self.config.contrastive_loss_type == "siglip":
+            return siglip_loss(logits_per_text)
+        return contrastive_loss(logits_per_text, self.config.label_smoothing)
 
     @can_return_tuple
     def forward(
@@ -729,12 +1202,8 @@ class XModalModel(XModalPreTrainedModel):
         logits_per_text = self.logits(image_embeds, text_embeds)
         loss = None
         if return_loss:
-            if logits_per_text.shape[0] != logits_per_text.shape[1]:
-                raise ValueError(
-                    f"return_loss=True needs as many texts as images (pairs), got {logits_per_text.shape[0]} texts "
-                    f"and {logits_per_text.shape[1]} images."
-                )
-            loss = contrastive_loss(logits_per_text)
+            _check_pairs(logits_per_text)
+            loss = self.contrastive_objective(logits_per_text)
         return XModalOutput(
             loss=loss,
             logits_per_image=logits_per_text.t(),
@@ -786,6 +1255,707 @@ def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrai
     return getattr(model, "base_model", model)
 
 
+@dataclass
+class XModalForPreTrainingOutput(ModelOutput):
+    r"""Output of [`XModalForPreTraining`]. Each objective's loss is returned unweighted; `loss` is the weighted
+    sum of the enabled ones. Objectives that are disabled (weight 0) or not asked for (`return_loss=False`) are None.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): sum of `config.<objective>_loss_weight` x loss.
+        contrastive_loss, itm_loss, mlm_loss, mim_loss, captioning_loss, vqa_loss (`torch.FloatTensor` of shape `()`).
+        logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`), logits_per_text: the transpose.
+        image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised.
+        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`): positives, then text-with-negative-image,
+            then image-with-negative-text pairs.
+        mlm_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        mim_logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`).
+        captioning_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        vqa_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`).
+    """
+
+    loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
+    itm_loss: torch.FloatTensor | None = None
+    mlm_loss: torch.FloatTensor | None = None
+    mim_loss: torch.FloatTensor | None = None
+    captioning_loss: torch.FloatTensor | None = None
+    vqa_loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    mlm_logits: torch.FloatTensor | None = None
+    mim_logits: torch.FloatTensor | None = None
+    captioning_logits: torch.FloatTensor | None = None
+    vqa_logits: torch.FloatTensor | None = None
+
+
+@dataclass
+class XModalImageTextRetrievalOutput(ModelOutput):
+    r"""Output of [`XModalForImageTextRetrieval`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): contrastive + ITM loss, with `return_loss=True`.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`), logits_per_text.
+        itm_scores_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`, *optional*): with
+            `rerank_top_k`, the ITM match log-odds of each text's top-k images by contrastive score, -inf elsewhere;
+            rank images by it.
+        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`, *optional*): the ITM logits of the loss.
+        image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_scores_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+def _itm_pairs(
+    logits_per_text: torch.Tensor, input_ids: torch.Tensor, hard_negatives: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples one negative image per text and one negative text per image (ALBEF): from softmax(similarities) when
+    `hard_negatives`, else uniformly; never a pair whose captions are identical (the true pair, or a duplicate
+    caption). Not differentiated.
+
+    Returns `(negative_image_index, negative_text_index, has_negative)`, each `(B,)`; a row whose every caption is
+    identical to its own has no negative (`has_negative` False, a dummy index)."""
+    with torch.no_grad():
+        same_caption = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # (B, B), diagonal included
+        allowed = ~same_caption
+        has_negative = allowed.any(dim=1)
+        picks = []
+        for logits in (logits_per_text, logits_per_text.t()):
+            weights = (
+                F.softmax(logits.float(), dim=1) if hard_negatives else torch.ones_like(logits, dtype=torch.float)
+            )
+            weights = weights * allowed
+            # the softmax may underflow on every allowed entry: uniform over them then
+            weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, allowed.float())
+            weights = torch.where(has_negative[:, None], weights, torch.ones_like(weights))
+            picks.append(torch.multinomial(weights, 1).squeeze(1))
+    return picks[0], picks[1], has_negative
+
+
+def _itm_loss(
+    model: XModalModel,
+    image_hidden_states: torch.Tensor,
+    text_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    logits_per_text: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-text matching (ALBEF) on B positives, B texts with a sampled negative image and B images with a sampled
+    negative text, from tower outputs `(B, L, D)`. Returns `(loss, itm_logits (3B, 2))`."""
+    batch_size = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    neg_image, neg_text, has_negative = _itm_pairs(logits_per_text, input_ids, model.config.itm_hard_negatives)
+    images = torch.cat([image_hidden_states, image_hidden_states[neg_image], image_hidden_states])
+    texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[neg_text]])
+    masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+    itm_logits = model.itm_head(model.fuse(images, texts, masks).pooler_output)
+    ones = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+    negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
+    labels = torch.cat([ones, negative, negative])
+    return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
+
+
+class XModalForImageTextRetrieval(XModalModel):
+    """Retrieval: contrastive scores for every image-text pair, with image-text matching (ITM) re-ranking of each
+    text's top-k images (ALBEF/BLIP). Fine-tunes with the contrastive + ITM loss."""
+
+    def _init_head(self) -> None:
+        if self.config.cross_config.num_hidden_layers == 0:
+            raise ValueError("Image-text matching needs a fusion module (cross_config.num_hidden_layers > 0).")
+        self.itm_head = nn.Linear(self.config.cross_config.hidden_size, 2)
+
+    @torch.no_grad()
+    def _rerank(
+        self,
+        image_hidden_states: torch.Tensor,
+        text_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        logits_per_text: torch.Tensor,
+        top_k: int,
+    ) -> torch.Tensor:
+        num_texts, num_images = logits_per_text.shape
+        top_k = min(top_k, num_images)
+        candidates = logits_per_text.topk(top_k, dim=1).indices  # (T, k)
+        if attention_mask is None:
+            attention_mask = torch.ones(text_hidden_states.shape[:2], dtype=torch.long, device=candidates.device)
+        fused = self.fuse(
+            image_hidden_states[candidates.reshape(-1)],
+            text_hidden_states.repeat_interleave(top_k, dim=0),
+            attention_mask.repeat_interleave(top_k, dim=0),
+        ).pooler_output
+        itm = self.itm_head(fused).float()
+        log_odds = (itm[:, 1] - itm[:, 0]).reshape(num_texts, top_k)
+        scores = torch.full((num_texts, num_images), float("-inf"), device=log_odds.device)
+        return scores.scatter(1, candidates, log_odds)
+
+    @torch.no_grad()
+    def score_pairs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """ITM logits `(batch_size, 2)` (index 1 = match) of image i with text i."""
+        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        return self.itm_head(fused.pooler_output)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        rerank_top_k: int | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> XModalImageTextRetrievalOutput:
+        r"""Scores every text against every image.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`).
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`).
+            attention_mask (`torch.Tensor` of shape `(text_batch_size, sequence_length)`, *optional*).
+            return_loss (`bool`, *optional*): contrastive + ITM (hard negatives) loss over the pairs (i, i).
+            rerank_top_k (`int`, *optional*): re-rank each text's top-k images with the ITM head
+                (`itm_scores_per_text`); `config.itm_rerank_top_k` is a sensible value.
+
+        Returns:
+            [`XModalImageTextRetrievalOutput`].
+        """
+        image = self._encode_image(pixel_values, interpolate_pos_encoding)
+        text = self._encode_text(input_ids, attention_mask, token_type_ids)
+        image_embeds = F.normalize(
+            self.visual_projection(_pool(image.last_hidden_state, self.config.vision_pooling, is_image=True)), dim=-1
+        )
+        text_embeds = F.normalize(
+            self.text_projection(_pool(text.last_hidden_state, self.config.text_pooling, attention_mask)), dim=-1
+        )
+        logits_per_text = self.logits(image_embeds, text_embeds)
+        loss = itm_logits = itm_scores = None
+        if return_loss:
+            _check_pairs(logits_per_text)
+            itm, itm_logits = _itm_loss(
+                self, image.last_hidden_state, text.last_hidden_state, attention_mask, input_ids, logits_per_text
+            )
+            loss = self.contrastive_objective(logits_per_text) + itm
+        if rerank_top_k:
+            itm_scores = self._rerank(
+                image.last_hidden_state, text.last_hidden_state, attention_mask, logits_per_text, rerank_top_k
+            )
+        return XModalImageTextRetrievalOutput(
+            loss=loss,
+            logits_per_image=logits_per_text.t(),
+            logits_per_text=logits_per_text,
+            itm_scores_per_text=itm_scores,
+            itm_logits=itm_logits,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+
+
+class XModalForMaskedLM(XModalPreTrainedModel):
+    """Masked language modelling conditioned on the image: the text tower reads the masked text, the fusion module
+    lets it attend to the image, and an MLM head tied to the word embeddings predicts the masked tokens."""
+
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__(config)
+        _require_stream(config, "text", "Masked language modelling")
+        self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
+        self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
+        self.cross_model = _build_fusion(config)
+        self.mlm_head = XModalMLMHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> MaskedLMOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the (masked) text, e.g. from
+                `xmodal.mask_tokens`.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): image i goes
+                with text i.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): original ids at masked
+                positions, -100 elsewhere.
+
+        Returns:
+            `MaskedLMOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, sequence_length,
+            vocab_size)`.
+        """
+        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        logits = self.mlm_head(fused.text_last_hidden_state)
+        loss = masked_language_modeling_loss(logits, labels) if labels is not None else None
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class XModalForVisualQuestionAnswering(XModalPreTrainedModel):
+    """VQA as classification over an answer vocabulary (`config.num_labels`, `config.id2label`) from the fused
+    [CLS], trained on VQA-v2 soft scores (ViLT). Generative answering is [`XModalForConditionalGeneration`] with the
+    question as prompt."""
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__(config)
+        if config.cross_config.num_hidden_layers == 0:
+            raise ValueError("Visual question answering needs a fusion module (cross_config.num_hidden_layers > 0).")
+        self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
+        self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
+        self.cross_model = _build_fusion(config)
+        self.vqa_head = XModalVQAHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> SequenceClassifierOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the questions.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            labels (`torch.FloatTensor` of shape `(batch_size, num_labels)` soft scores, or `torch.LongTensor` of
+                shape `(batch_size,)` answer indices, *optional*).
+
+        Returns:
+            `SequenceClassifierOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, num_labels)`.
+        """
+        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        logits = self.vqa_head(fused.pooler_output)
+        loss = vqa_loss(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
+    """Captioning and generative VQA: the image tower and a text decoder that cross-attends to the image tokens,
+    with `generate()` (greedy, beam search, sampling) through transformers' GenerationMixin and a KV cache.
+
+    Example:
+
+    ```python
+    >>> captions = model.generate(pixel_values=pixel_values, max_new_tokens=20, num_beams=3)
+    >>> processor.batch_decode(captions, skip_special_tokens=True)
+    ```
+    For VQA, pass the question (without its final [SEP]) as `input_ids`: the answer is generated after it.
+    """
+
+    main_input_name = "pixel_values"
+    _tied_weights_keys = {"lm_head.weight": "text_decoder.embed_tokens.weight"}
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__(config)
+        self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
+        decoder = config.decoder_config
+        self.text_decoder = XModalTextDecoder(decoder, config.vision_config.hidden_size)
+        self.lm_head = nn.Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
+        self.post_init()
+        self._default_special_tokens()
+
+    def _default_special_tokens(self) -> None:
+        """Fills the generation config's BOS/EOS/PAD ids from `decoder_config` where they are unset (a generation
+        config built from the composite config, or loaded from a checkpoint of another head, lacks them)."""
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, name, None) is None:
+                setattr(self.generation_config, name, getattr(self.config.decoder_config, name))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.text_decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.FloatTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithCrossAttentions:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): decoder tokens starting with
+                `decoder_config.bos_token_id` ([CLS]); a tokenized caption is already in this form.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): needed unless
+                `encoder_hidden_states` (the image tower's tokens) are given.
+            attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): usually `input_ids`
+                with padding (and any prompt) set to -100; position t is trained to predict label t + 1.
+            cache (`Cache`, *optional*): the decoder's KV cache (generation).
+            use_cache (`bool`, *optional*): create and return a cache.
+            **kwargs: generation bookkeeping flags passed by GenerationMixin (unused).
+
+        Returns:
+            `CausalLMOutputWithCrossAttentions` with `loss`, `logits` `(batch_size, sequence_length, vocab_size)`
+            and `cache`.
+        """
+        if input_ids is None:
+            raise ValueError("input_ids (decoder tokens, starting with the BOS/[CLS] id) are required.")
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden_states = self.text_decoder(input_ids, encoder_hidden_states, attention_mask, position_ids, cache)
+        logits = self.lm_head(hidden_states)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        r"""Captions (or answers, with a question prompt in `input_ids`) for a batch of images. The image is encoded
+        once; every decoding step reuses its tokens and the KV cache.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*): a prompt starting
+                with the BOS id (default: BOS alone); left-pad prompts of different lengths.
+            **generate_kwargs: passed to `GenerationMixin.generate` (`max_new_tokens`, `num_beams`, `do_sample`, ...).
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size * num_return_sequences, length)`: the prompt and the generated
+            tokens.
+        """
+        self._default_special_tokens()
+        image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+        batch_size = image.shape[0]
+        if input_ids is None:
+            bos = self.generation_config.bos_token_id
+            input_ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=image.device)
+        elif input_ids.shape[0] != batch_size:
+            raise ValueError(f"Got {input_ids.shape[0]} prompts for {batch_size} images; pass one prompt per image.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, **generate_kwargs
+        )
+
+
+def _check_pairs(logits_per_text: torch.Tensor) -> None:
+    if logits_per_text.shape[0] != logits_per_text.shape[1]:
+        raise ValueError(
+            f"Losses over pairs need as many texts as images (text i describing image i), got "
+            f"{logits_per_text.shape[0]} texts and {logits_per_text.shape[1]} images."
+        )
+
+
+class XModalForPreTraining(XModalModel):
+    """Multi-task pretraining with every objective of FLAVA, ALBEF, BLIP and CoCa in one model:
+
+    - contrastive: NT-Xent / InfoNCE with the learnable temperature (optionally with label smoothing, K extra
+      negatives from a momentum queue, and two augmented views) or the SigLIP sigmoid loss;
+    - image-text matching with hard negatives (ALBEF); masked language modelling conditioned on the image (BERT
+      80/10/10 masking, head tied to the word embeddings); masked image modelling (normalised-pixel regression of
+      masked patches, MAE/SimMIM); captioning (a cross-attending decoder); VQA (soft-score answer classification).
+
+    The loss is the sum of `config.<objective>_loss_weight` x each loss; a weight of 0 removes that objective's head
+    and skips its compute. Each image and text goes through its tower once per step and the tower outputs are
+    reused by every objective; only the masked views (MLM text, MIM image), the VQA questions, the optional second
+    views and the momentum encoders take extra tower passes.
+    """
+
+    _tied_weights_keys = {
+        "mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight",
+        "lm_head.weight": "text_decoder.embed_tokens.weight",
+    }
+
+    @property
+    def _vision_mask_token(self) -> bool:
+        return self.config.mim_loss_weight > 0
+
+    def _init_head(self) -> None:
+        config = self.config
+        needs_fusion = [name for name in ("itm", "mlm", "vqa") if getattr(config, f"{name}_loss_weight") > 0]
+        if needs_fusion and config.cross_config.num_hidden_layers == 0:
+            raise ValueError(
+                f"The objectives {needs_fusion} need a fusion module (cross_config.num_hidden_layers > 0); set their "
+                "*_loss_weight to 0 for a dual encoder."
+            )
+        self.itm_head = nn.Linear(config.cross_config.hidden_size, 2) if config.itm_loss_weight > 0 else None
+        self.mlm_head = None
+        if config.mlm_loss_weight > 0:
+            _require_stream(config, "text", "Masked language modelling")
+            self.mlm_head = XModalMLMHead(config)
+        self.mim_head = None
+        if config.mim_loss_weight > 0:
+            vision = config.vision_config
+            if config.mim_source == "fused":
+                _require_stream(config, "image", "Masked image modelling from the fused representation")
+            width = config.cross_config.hidden_size if config.mim_source == "fused" else vision.hidden_size
+            self.mim_head = nn.Linear(width, vision.patch_size**2 * vision.num_channels)
+        self.text_decoder = self.lm_head = None
+        if config.captioning_loss_weight > 0:
+            decoder = config.decoder_config
+            self.text_decoder = XModalTextDecoder(decoder, config.vision_config.hidden_size)
+            self.lm_head = nn.Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
+        self.vqa_head = XModalVQAHead(config) if config.vqa_loss_weight > 0 else None
+        use_queue = config.queue_size > 0 and config.contrastive_loss_weight > 0
+        self.momentum_encoder = XModalMomentumEncoder(self, config) if use_queue else None
+        self._tied_weights_keys = {
+            key: target
+            for key, target in type(self)._tied_weights_keys.items()
+            if getattr(self, key.split(".")[0]) is not None
+        }
+
+    def _queue_contrastive_loss(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> torch.Tensor:
+        """InfoNCE where each positive (from the momentum encoders) competes with the batch's other momentum
+        embeddings and the K queued ones (ALBEF): per direction, logits `(B, B + K)` with the positive in column i."""
+        momentum = self.momentum_encoder
+        if self.training or not bool(momentum.initialized):
+            momentum.update(self)
+        image_m, text_m = momentum.embed(
+            pixel_values, input_ids, attention_mask, self.config, interpolate_pos_encoding
+        )
+        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        image_to_text = scale * image_embeds @ torch.cat([text_m, momentum.text_queue.clone()]).t()
+        text_to_image = scale * text_embeds @ torch.cat([image_m, momentum.image_queue.clone()]).t()
+        labels = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+        smoothing = self.config.label_smoothing
+        loss = (
+            F.cross_entropy(image_to_text, labels, label_smoothing=smoothing)
+            + F.cross_entropy(text_to_image, labels, label_smoothing=smoothing)
+        ) / 2.0
+        if self.training:
+            momentum.enqueue(image_m, text_m)
+        return loss
+
+    def _contrastive(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logits_per_text: torch.Tensor,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        second_view_pixel_values: torch.Tensor | None,
+        second_view_input_ids: torch.Tensor | None,
+        second_view_attention_mask: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+    ) -> torch.Tensor:
+        """The cross-modal loss averaged over every (image view, text view) combination, plus
+        `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two."""
+        if self.momentum_encoder is not None:
+            first = self._queue_contrastive_loss(
+                image_embeds, text_embeds, pixel_values, input_ids, attention_mask, interpolate_pos_encoding
+            )
+        else:
+            first = self.contrastive_objective(logits_per_text)
+        image_views, text_views = [image_embeds], [text_embeds]
+        if second_view_pixel_values is not None:
+            second = self.get_image_features(second_view_pixel_values, interpolate_pos_encoding).pooler_output
+            image_views.append(F.normalize(second, dim=-1))
+        if second_view_input_ids is not None:
+            second = self.get_text_features(second_view_input_ids, second_view_attention_mask).pooler_output
+            text_views.append(F.normalize(second, dim=-1))
+        if len(image_views) == len(text_views) == 1:
+            return first
+        cross = [first] + [
+            self.contrastive_objective(self.logits(image, text))
+            for i, image in enumerate(image_views)
+            for j, text in enumerate(text_views)
+            if (i, j) != (0, 0)
+        ]
+        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        within = [nt_xent_loss(views[0], views[1], scale) for views in (image_views, text_views) if len(views) == 2]
+        return torch.stack(cross).mean() + self.config.multiview_loss_weight * torch.stack(within).mean()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        second_view_pixel_values: torch.FloatTensor | None = None,
+        second_view_input_ids: torch.LongTensor | None = None,
+        second_view_attention_mask: torch.Tensor | None = None,
+        mlm_input_ids: torch.LongTensor | None = None,
+        mlm_labels: torch.LongTensor | None = None,
+        special_tokens_mask: torch.Tensor | None = None,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        captioning_labels: torch.LongTensor | None = None,
+        question_input_ids: torch.LongTensor | None = None,
+        question_attention_mask: torch.Tensor | None = None,
+        vqa_labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> XModalForPreTrainingOutput:
+        r"""One multi-task pretraining step on image-text pairs (image i with text i).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the captions.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*).
+            return_loss (`bool`, *optional*): compute the objectives; otherwise only the contrastive logits.
+            second_view_pixel_values, second_view_input_ids, second_view_attention_mask (*optional*): a second
+                augmented view of the same pairs (`xmodal.training.make_views`) for multi-view contrastive learning.
+            mlm_input_ids, mlm_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                a masked copy of `input_ids` and its labels; masked here with BERT's rule when absent.
+            special_tokens_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): tokens never
+                masked (default: padding and `config.special_token_ids`).
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*): patches to mask
+                for MIM; `config.mim_mask_ratio` of them at random when absent.
+            decoder_input_ids, decoder_attention_mask, captioning_labels (*optional*): the captioning targets
+                (default: the captions in `input_ids`, padding ignored).
+            question_input_ids, question_attention_mask (`(batch_size, question_length)`), vqa_labels
+                (`(batch_size, num_labels)` soft scores or `(batch_size,)` answer indices): one question per image,
+                required when `vqa_loss_weight > 0`.
+
+        Returns:
+            [`XModalForPreTrainingOutput`].
+        """
+        config = self.config
+        image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+        text = self._encode_text(input_ids, attention_mask, token_type_ids).last_hidden_state
+        image_embeds = F.normalize(self.visual_projection(_pool(image, config.vision_pooling, is_image=True)), dim=-1)
+        text_embeds = F.normalize(self.text_projection(_pool(text, config.text_pooling, attention_mask)), dim=-1)
+        logits_per_text = self.logits(image_embeds, text_embeds)
+        outputs: dict[str, torch.Tensor] = {
+            "logits_per_image": logits_per_text.t(),
+            "logits_per_text": logits_per_text,
+            "image_embeds": image_embeds,
+            "text_embeds": text_embeds,
+        }
+        if not return_loss:
+            return XModalForPreTrainingOutput(**outputs)
+        _check_pairs(logits_per_text)
+        losses: dict[str, torch.Tensor] = {}
+        if config.contrastive_loss_weight > 0:
+            losses["contrastive"] = self._contrastive(
+                image_embeds,
+                text_embeds,
+                logits_per_text,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                second_view_pixel_values,
+                second_view_input_ids,
+                second_view_attention_mask,
+                interpolate_pos_encoding,
+            )
+        if self.itm_head is not None:
+            losses["itm"], outputs["itm_logits"] = _itm_loss(
+                self, image, text, attention_mask, input_ids, logits_per_text
+            )
+        if self.mlm_head is not None:
+            if mlm_input_ids is None:
+                if special_tokens_mask is None:
+                    special_ids = torch.tensor(
+                        config.special_token_ids, device=input_ids.device, dtype=input_ids.dtype
+                    )
+                    special_tokens_mask = torch.isin(input_ids, special_ids)
+                    if attention_mask is not None:
+                        special_tokens_mask |= attention_mask == 0
+                mlm_input_ids, mlm_labels = mask_tokens(
+                    input_ids,
+                    special_tokens_mask.bool(),
+                    config.mask_token_id,
+                    config.text_config.vocab_size,
+                    config.mlm_probability,
+                )
+            elif mlm_labels is None:
+                raise ValueError("mlm_input_ids were given without mlm_labels (original ids at masked positions).")
+            masked_text = self._encode_text(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
+            fused_text = self.fuse(image, masked_text, attention_mask).text_last_hidden_state
+            outputs["mlm_logits"] = self.mlm_head(fused_text)
+            losses["mlm"] = masked_language_modeling_loss(outputs["mlm_logits"], mlm_labels)
+        if self.mim_head is not None:
+            if bool_masked_pos is None:
+                bool_masked_pos = random_patch_mask(
+                    image.shape[0], image.shape[1] - 1, config.mim_mask_ratio, device=image.device
+                )
+            masked_image = self._encode_image(
+                pixel_values, interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
+            ).last_hidden_state
+            if config.mim_source == "fused":
+                masked_image = self.fuse(masked_image, text, attention_mask).image_last_hidden_state
+            outputs["mim_logits"] = self.mim_head(masked_image[:, 1:])
+            losses["mim"] = masked_image_modeling_loss(
+                outputs["mim_logits"],
+                pixel_values,
+                bool_masked_pos,
+                config.vision_config.patch_size,
+                config.mim_norm_pix_loss,
+            )
+        if self.text_decoder is not None:
+            if decoder_input_ids is None:
+                decoder_input_ids, decoder_attention_mask = input_ids, attention_mask
+            if captioning_labels is None:
+                captioning_labels = decoder_input_ids
+                if decoder_attention_mask is not None:
+                    captioning_labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, -100)
+            decoded = self.text_decoder(decoder_input_ids, image, decoder_attention_mask)
+            outputs["captioning_logits"] = self.lm_head(decoded)
+            losses["captioning"] = causal_lm_loss(outputs["captioning_logits"], captioning_labels)
+        if self.vqa_head is not None:
+            if question_input_ids is None or vqa_labels is None:
+                raise ValueError(
+                    f"vqa_loss_weight={config.vqa_loss_weight} needs question_input_ids and vqa_labels (one question "
+                    "per image); pass them or set vqa_loss_weight=0."
+                )
+            question = self._encode_text(question_input_ids, question_attention_mask).last_hidden_state
+            fused = self.fuse(image, question, question_attention_mask).pooler_output
+            outputs["vqa_logits"] = self.vqa_head(fused)
+            losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels)
+        total = sum(getattr(config, f"{name}_loss_weight") * value for name, value in losses.items())
+        return XModalForPreTrainingOutput(
+            loss=total if losses else None, **{f"{name}_loss": value for name, value in losses.items()}, **outputs
+        )
+
+
 class XModalForImageClassification(XModalPreTrainedModel):
     """The xmodal image tower with a linear classifier on its pooled output (the first fine-tuning target)."""
 
@@ -830,10 +2000,27 @@ class XModalForImageClassification(XModalPreTrainedModel):
 
 
 __all__ = [
+    "XModalForConditionalGeneration",
     "XModalForImageClassification",
+    "XModalForImageTextRetrieval",
+    "XModalForMaskedLM",
+    "XModalForPreTraining",
+    "XModalForPreTrainingOutput",
+    "XModalForVisualQuestionAnswering",
     "XModalFusionOutput",
+    "XModalImageTextRetrievalOutput",
     "XModalModel",
     "XModalOutput",
     "XModalPreTrainedModel",
+    "causal_lm_loss",
     "contrastive_loss",
+    "mask_tokens",
+    "masked_image_modeling_loss",
+    "masked_language_modeling_loss",
+    "negatives_contrastive_loss",
+    "nt_xent_loss",
+    "patchify",
+    "random_patch_mask",
+    "siglip_loss",
+    "vqa_loss",
 ]
