@@ -428,6 +428,13 @@ class XModalConfig(PreTrainedConfig):
         super().save_pretrained(save_directory, **kwargs)
         write_remote_code(save_directory)
 
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PreTrainedConfig:
+        """The text decoder's config for `decoder=True` (so generation reads its BOS/EOS/PAD ids and vocabulary),
+        otherwise the text tower's."""
+        if decoder and not encoder:
+            return self.decoder_config
+        return self.text_config
+
     @classmethod
     def available_presets(cls) -> list[str]:
         """Names of the presets shipped in `configuration/presets/`."""

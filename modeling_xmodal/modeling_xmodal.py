@@ -757,11 +757,10 @@ class XModalMLMHead(nn.Module):
         self.dense = nn.Linear(cross.hidden_size, text.hidden_size)
         self.activation_fn = ACT2FN[cross.hidden_act]
         self.layer_norm = nn.LayerNorm(text.hidden_size, eps=cross.layer_norm_eps)
-        self.decoder = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(text.vocab_size))
+        self.decoder = nn.Linear(text.hidden_size, text.vocab_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.layer_norm(self.activation_fn(self.dense(hidden_states)))) + self.bias
+        return self.decoder(self.layer_norm(self.activation_fn(self.dense(hidden_states))))
 
 
 class XModalVQAHead(nn.Module):
@@ -965,7 +964,7 @@ class XModalPreTrainedModel(PreTrainedModel):
             if module.mask_token is not None:
                 init.zeros_(module.mask_token)
         elif isinstance(module, XModalMLMHead):
-            init.zeros_(module.bias)
+            init.zeros_(module.decoder.bias)
         elif isinstance(module, XModalMomentumEncoder):
             for queue in (module.image_queue, module.text_queue):
                 init.copy_(queue, F.normalize(torch.randn(queue.shape), dim=-1))
@@ -975,6 +974,68 @@ class XModalPreTrainedModel(PreTrainedModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, self.config.logit_bias_init_value)
+
+    def _vocabularies(self) -> list[tuple[nn.Module, str, nn.Module | None, str, PreTrainedConfig]]:
+        """`(owner, embedding attribute, head owner, head attribute, config)` of each token vocabulary: the text
+        tower's (with the MLM head) and the captioning decoder's (with the LM head)."""
+        vocabularies = []
+        if getattr(self, "text_model", None) is not None:
+            vocabularies.append(
+                (
+                    self.text_model.embeddings,
+                    "word_embeddings",
+                    getattr(self, "mlm_head", None),
+                    "decoder",
+                    self.config.text_config,
+                )
+            )
+        if getattr(self, "text_decoder", None) is not None:
+            vocabularies.append((self.text_decoder, "embed_tokens", self, "lm_head", self.config.decoder_config))
+        return vocabularies
+
+    def _main_vocabulary(self) -> tuple[nn.Module, str, nn.Module | None, str, PreTrainedConfig]:
+        vocabularies = self._vocabularies()
+        if not vocabularies:
+            raise NotImplementedError(f"{type(self).__name__} has no token embeddings (no text tower or decoder).")
+        return vocabularies[0]
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        owner, name, *_ = self._main_vocabulary()
+        return getattr(owner, name)
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        owner, name, *_ = self._main_vocabulary()
+        setattr(owner, name, value)
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        _, _, head_owner, head_name, _ = self._main_vocabulary()
+        return getattr(head_owner, head_name) if head_owner is not None else None
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resizes every vocabulary of the model to the tokenizer's new size (the text tower's embeddings and MLM
+        head, the decoder's embeddings and LM head: they share one tokenizer), keeps the ties and updates
+        `text_config.vocab_size` / `decoder_config.vocab_size`. Returns the first resized embedding."""
+        resized = []
+        for owner, name, head_owner, head_name, config in self._vocabularies():
+            embeddings = self._get_resized_embeddings(
+                getattr(owner, name), new_num_tokens, pad_to_multiple_of, mean_resizing
+            )
+            setattr(owner, name, embeddings)
+            head = getattr(head_owner, head_name) if head_owner is not None else None
+            if head is not None:
+                setattr(
+                    head_owner,
+                    head_name,
+                    self._get_resized_lm_head(head, embeddings.num_embeddings, mean_resizing=mean_resizing),
+                )
+            config.vocab_size = embeddings.num_embeddings
+            resized.append(embeddings)
+        if not resized:
+            raise ValueError(f"{type(self).__name__} has no token vocabulary to resize.")
+        self.tie_weights()
+        return resized[0]
 
     def _encode_image(
         self,
@@ -1578,21 +1639,17 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
         self.post_init()
         self._default_special_tokens()
 
-    def _default_special_tokens(self) -> None:
-        """Fills the generation config's BOS/EOS/PAD ids from `decoder_config` where they are unset (a generation
-        config built from the composite config, or loaded from a checkpoint of another head, lacks them)."""
+    def _default_special_tokens(self, force: bool = False) -> None:
+        """Takes the generation config's BOS/EOS/PAD ids from `decoder_config` where they are unset, or always with
+        `force` (a generation config derived from config.json reads them from the text *encoder's* config)."""
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(self.generation_config, name, None) is None:
+            if force or getattr(self.generation_config, name, None) is None:
                 setattr(self.generation_config, name, getattr(self.config.decoder_config, name))
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.text_decoder.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.text_decoder.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
+    def adjust_generation_fn(self, *args: Any, **kwargs: Any) -> None:
+        super().adjust_generation_fn(*args, **kwargs)
+        # without a generation_config.json, transformers derives one from config.json's text (encoder) config
+        self._default_special_tokens(force=bool(getattr(self.generation_config, "_from_model_config", False)))
 
     @can_return_tuple
     def forward(
@@ -1669,9 +1726,24 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
             raise ValueError(f"Got {input_ids.shape[0]} prompts for {batch_size} images; pass one prompt per image.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return super().generate(
+        outputs = super().generate(
             input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image, **generate_kwargs
         )
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        # transformers 5.24's beam search fills finished beams with EOS when pad_token_id is 0 (`pad or eos`)
+        self._pad_after_eos(sequences, input_ids.shape[1])
+        return outputs
+
+    def _pad_after_eos(self, sequences: torch.Tensor, prompt_length: int) -> None:
+        """In place: every generated token after the first generated EOS becomes PAD."""
+        eos, pad = self.generation_config.eos_token_id, self.generation_config.pad_token_id
+        if eos is None or pad is None:
+            return
+        eos_ids = torch.tensor(eos if isinstance(eos, list) else [eos], device=sequences.device)
+        generated = sequences[:, prompt_length:]
+        seen_eos = torch.isin(generated, eos_ids).int().cumsum(dim=1)
+        after_first = (seen_eos > 1) | ((seen_eos == 1) & ~torch.isin(generated, eos_ids))
+        generated.masked_fill_(after_first, pad)
 
 
 def _check_pairs(logits_per_text: torch.Tensor) -> None:

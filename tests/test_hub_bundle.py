@@ -197,3 +197,100 @@ def test_save_with_push_is_refused_where_it_would_upload_an_incomplete_bundle(sa
         config.save_pretrained(tmp_path / "push", push_to_hub=True)
     with pytest.raises(ValueError, match="incomplete remote-code bundle"):
         XModalProcessor.from_pretrained(saved_folder).save_pretrained(tmp_path / "push", push_to_hub=True)
+
+
+_HEADS_REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    class _NoXModal:
+        def find_spec(self, name, path=None, target=None):
+            if name == "xmodal" or name.startswith("xmodal."):
+                raise ModuleNotFoundError(f"xmodal is deliberately not importable here: {name}")
+            return None
+
+    sys.meta_path.insert(0, _NoXModal())
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import (AutoModelForImageTextToText, AutoModelForMaskedLM, AutoModelForPreTraining,
+                              AutoModelForVisualQuestionAnswering)
+
+    folder, out_path = sys.argv[1], sys.argv[2]
+    inputs = load_file(f"{folder}/inputs.safetensors")
+    results = {}
+    for auto_class in (AutoModelForPreTraining, AutoModelForMaskedLM, AutoModelForImageTextToText,
+                       AutoModelForVisualQuestionAnswering):
+        model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        results[type(model).__name__] = model
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = results["XModalForPreTraining"](**inputs, return_loss=True)
+        mlm = results["XModalForMaskedLM"](input_ids=inputs["mlm_input_ids"], pixel_values=inputs["pixel_values"],
+                                           attention_mask=inputs["attention_mask"], labels=inputs["mlm_labels"])
+        vqa = results["XModalForVisualQuestionAnswering"](input_ids=inputs["question_input_ids"],
+                                                          pixel_values=inputs["pixel_values"])
+        captions = results["XModalForConditionalGeneration"].generate(pixel_values=inputs["pixel_values"],
+                                                                      max_new_tokens=5, num_beams=2)
+    assert "xmodal" not in sys.modules
+    save_file({"loss": out.loss, "mlm_loss": mlm.loss, "vqa_logits": vqa.logits.contiguous(), "captions": captions.contiguous()},
+              out_path)
+    print("HEADS-REMOTE-OK", sorted(results))
+    """
+)
+
+
+def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
+    from conftest import XModalModelTester
+
+    from xmodal import (
+        XModalForConditionalGeneration,
+        XModalForMaskedLM,
+        XModalForPreTraining,
+        XModalForVisualQuestionAnswering,
+    )
+
+    tester = XModalModelTester()
+    torch.manual_seed(0)
+    model = XModalForPreTraining(tester.get_config(num_labels=5, queue_size=6, save_queue=True)).eval()
+    folder = tmp_path / "pretraining"
+    model.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(1)
+    inputs = tester.get_inputs()
+    inputs["mlm_input_ids"] = inputs["input_ids"].clone()
+    inputs["mlm_input_ids"][:, 1] = 4
+    inputs["mlm_labels"] = torch.full_like(inputs["input_ids"], -100)
+    inputs["mlm_labels"][:, 1] = inputs["input_ids"][:, 1]
+    inputs["bool_masked_pos"] = torch.rand(3, 16, generator=generator) < 0.5
+    inputs["question_input_ids"] = torch.randint(5, 99, (3, 5), generator=generator)
+    inputs["vqa_labels"] = torch.tensor([0, 4, 2])
+    save_file(inputs, folder / "inputs.safetensors")
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected_loss = model(**inputs, return_loss=True).loss
+        mlm_loss = XModalForMaskedLM.from_pretrained(folder).eval()(
+            input_ids=inputs["mlm_input_ids"], pixel_values=inputs["pixel_values"],
+            attention_mask=inputs["attention_mask"], labels=inputs["mlm_labels"],
+        ).loss
+        vqa_logits = XModalForVisualQuestionAnswering.from_pretrained(folder).eval()(
+            input_ids=inputs["question_input_ids"], pixel_values=inputs["pixel_values"]
+        ).logits
+        captions = XModalForConditionalGeneration.from_pretrained(folder).eval().generate(
+            pixel_values=inputs["pixel_values"], max_new_tokens=5, num_beams=2
+        )
+    script = tmp_path / "remote_heads.py"
+    script.write_text(_HEADS_REMOTE_SCRIPT)
+    out_path = tmp_path / "remote_heads.safetensors"
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(out_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "HEADS-REMOTE-OK" in result.stdout
+    remote = load_file(out_path)
+    assert torch.equal(remote["loss"], expected_loss)
+    assert torch.equal(remote["mlm_loss"], mlm_loss)
+    assert torch.equal(remote["vqa_logits"], vqa_logits)
+    assert torch.equal(remote["captions"], captions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -60,8 +61,15 @@ def test_short_pretraining_run_lowers_the_loss_and_saves_a_hub_folder(tmp_path):
     for direction in ("text_to_image", "image_to_text"):
         assert 0.0 <= metrics[f"test_{direction}_R@1"] <= metrics[f"test_{direction}_R@10"] <= 1.0
     out = tmp_path / "run"
-    for name in ("model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
-                 "metrics.json", "modeling_xmodal.py"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "README.md",
+        "metrics.json",
+        "modeling_xmodal.py",
+    ):
         assert (out / name).is_file(), name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["arguments"]["max_steps"] == 40 and saved["train_steps"] == 40
@@ -119,8 +127,10 @@ def test_real_emoji_data_through_processor_model_and_evaluation(shared_data):
     assert test_rows[0]["image"].size == (64, 64)
     tokenizer = train_tokenizer(emoji["text"], vocab_size=512, model_max_length=24)
     config = XModalConfig.from_preset(
-        "tiny", text_config={"vocab_size": len(tokenizer), "num_hidden_layers": 1},
-        vision_config={"num_hidden_layers": 1}, cross_config={"num_hidden_layers": 1},
+        "tiny",
+        text_config={"vocab_size": len(tokenizer), "num_hidden_layers": 1},
+        vision_config={"num_hidden_layers": 1},
+        cross_config={"num_hidden_layers": 1},
     )
     processor = XModalProcessor(XModalImageProcessor(size={"height": 64, "width": 64}), tokenizer)
     model = XModalModel(config).eval()
@@ -131,3 +141,84 @@ def test_real_emoji_data_through_processor_model_and_evaluation(shared_data):
         assert torch.isfinite(model(**batch, return_loss=True).loss)
     metrics = evaluate_retrieval(model, processor, test_rows, batch_size=16, max_length=24, show_progress=False)
     assert 0.0 <= metrics["text_to_image_R@1"] <= metrics["text_to_image_R@10"] <= 1.0
+
+
+def test_objectives_flag_is_validated():
+    from xmodal.training import parse_objectives
+
+    assert parse_objectives("all") == ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
+    assert parse_objectives("vqa, contrastive") == ("contrastive", "vqa")
+    with pytest.raises(ValueError, match="unknown \\['nope'\\]"):
+        PretrainArguments(objectives="contrastive,nope")
+    with pytest.raises(ValueError, match="config_overrides is not valid JSON"):
+        PretrainArguments(config_overrides="{not json")
+
+
+def test_collator_draws_a_question_with_its_answer_index_and_a_second_view():
+    from xmodal.processing import train_tokenizer
+    from xmodal.training import ImageTextCollator, TextAugmentation, build_processor
+    from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset
+
+    data = make_synthetic_dataset(num_train=8, num_validation=0, num_test=0, seed=3, image_size=32)["train"]
+    tokenizer = train_tokenizer(
+        list(caption_corpus(data)) + [q for row in data for q in row["questions"]], vocab_size=200, model_max_length=32
+    )
+    from xmodal import XModalConfig
+
+    processor = build_processor(tokenizer, XModalConfig.from_preset("tiny", vision_config={"image_size": 32}))
+    collator = ImageTextCollator(processor, 32, answer_vocab=ANSWER_VOCAB, text_augmentation=TextAugmentation())
+    rows = [data[i] for i in range(8)]
+    torch.manual_seed(0)
+    batch = collator(rows)
+    assert batch["pixel_values"].shape == (8, 3, 32, 32)
+    assert batch["second_view_input_ids"].shape == batch["input_ids"].shape
+    assert "second_view_pixel_values" not in batch
+    for row, ids, label in zip(rows, batch["question_input_ids"], batch["vqa_labels"]):
+        question = tokenizer.decode(ids, skip_special_tokens=True)
+        asked = [
+            q
+            for q in row["questions"]
+            if tokenizer.decode(tokenizer(q)["input_ids"], skip_special_tokens=True) == question
+        ]
+        assert asked, (question, row["questions"])
+        assert ANSWER_VOCAB[int(label)] == row["answers"][row["questions"].index(asked[0])]
+
+
+def test_short_multitask_run_lowers_every_loss(tmp_path):
+    """Every objective on (with the momentum queue and a second augmented view): each loss falls on the embedded
+    data."""
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "run"),
+        num_train_examples=512,
+        num_eval_examples=32,
+        vocab_size=256,
+        max_steps=36,
+        batch_size=16,
+        learning_rate=5e-4,
+        warmup_steps=4,
+        eval_batch_size=32,
+        objectives="all",
+        queue_size=64,
+        multiview=True,
+        config_overrides=json.dumps(
+            {
+                "vision_config": {"num_hidden_layers": 2},
+                "text_config": {"num_hidden_layers": 2},
+                "cross_config": {"num_hidden_layers": 1},
+            }
+        ),
+    )
+    metrics = pretrain(args)
+    assert metrics["objectives"] == ["contrastive", "itm", "mlm", "mim", "captioning", "vqa"]
+    for name, curve in metrics["objective_losses"].items():
+        assert len(curve) == 36 and all(map(math.isfinite, curve)), name
+        first, last = sum(curve[:6]) / 6, sum(curve[-6:]) / 6
+        assert last < first, (name, first, last)
+    from xmodal import XModalConfig, XModalForConditionalGeneration, XModalForPreTraining
+
+    config = XModalConfig.from_pretrained(tmp_path / "run")
+    assert config.vqa_loss_weight == 1.0 and config.num_labels == 31 and config.id2label[0] == "red"
+    assert config.architectures == ["XModalForPreTraining"]
+    XModalForPreTraining.from_pretrained(tmp_path / "run")
+    captioner = XModalForConditionalGeneration.from_pretrained(tmp_path / "run")
+    assert captioner.generation_config.bos_token_id == config.decoder_config.bos_token_id
