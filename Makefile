@@ -26,6 +26,9 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
+bench: install
+	$(PY) bench/multitask_cost.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 

@@ -1,13 +1,16 @@
 """Cost of a full multi-task pretraining step relative to a contrastive-only step (issue target: <= 2.5x).
 
-A step is forward + backward + AdamW update of `XModalForPreTraining` on random inputs of the preset's sizes.
-Variants, timed alternately in one process (median of --repeats runs after warm-up):
+A step is forward + backward + AdamW update of `XModalForPreTraining` on one real batch of the embedded procedural
+data, built exactly as `xmodal pretrain` builds it (the demo's 2,048-token WordPiece tokenizer, the collator with a
+question per image). Variants, timed alternately in one process (median of --repeats runs after warm-up):
 
 - contrastive: only the contrastive objective (the same compute as `XModalModel(..., return_loss=True)`);
-- multitask: contrastive + ITM (3B fused pairs) + MLM (a masked text pass) + MIM (a masked image pass) +
+- multitask: contrastive + ITM (B fused pairs, half of them hard negatives: the default `itm_sampling="half"`) +
+  MLM (a masked text pass) + MIM (the visible quarter of the patches through the image tower, a light decoder) +
   captioning (the decoder) + VQA (a question pass);
-- multitask+queue+views: also the momentum encoders with a 4096-entry queue and a second augmented view of each
-  pair (both optional features, off in the plain multi-task step).
+- multitask-itm-all: the same with ALBEF's 3B ITM pairs (`itm_sampling="all"`);
+- multitask+queue+views: also the momentum encoders with a 4,096-entry queue and a second augmented view of each
+  pair (two optional features, off in the plain multi-task step).
 
     python bench/multitask_cost.py [--presets tiny small] [--batch_size 32] [--repeats 5]
 """
@@ -23,40 +26,53 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, time_alternating, write_result  # noqa: E402
 
-from xmodal import XModalConfig, XModalForPreTraining  # noqa: E402
+from xmodal import XModalForPreTraining  # noqa: E402
+from xmodal.processing import train_tokenizer  # noqa: E402
+from xmodal.training import ImageTextCollator, PretrainArguments, build_config, build_processor  # noqa: E402
+from xmodal.training.augmentations import ImageAugmentation, TextAugmentation  # noqa: E402
+from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset  # noqa: E402
+from xmodal.training.pretrain import OBJECTIVES  # noqa: E402
 
-OBJECTIVES = ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
-NUM_ANSWERS = 31
+
+def real_batch(preset: str, batch_size: int) -> tuple[dict[str, torch.Tensor], object]:
+    """A training batch of the embedded data for `preset`, with the demo's tokenizer; and that tokenizer."""
+    args = PretrainArguments(preset=preset, batch_size=batch_size, num_train_examples=max(batch_size, 512))
+    probe = build_config(args, train_tokenizer(["a red circle"], vocab_size=64, model_max_length=32), OBJECTIVES)
+    data = make_synthetic_dataset(
+        num_train=args.num_train_examples,
+        num_validation=0,
+        num_test=0,
+        seed=0,
+        image_size=probe.vision_config.image_size,
+    )["train"]
+    tokenizer = train_tokenizer(caption_corpus(data), vocab_size=args.vocab_size, model_max_length=args.max_length)
+    config = build_config(args, tokenizer, OBJECTIVES)
+    processor = build_processor(tokenizer, config)
+    collator = ImageTextCollator(
+        processor,
+        args.max_length,
+        answer_vocab=ANSWER_VOCAB,
+        image_augmentation=ImageAugmentation(crop_scale=(0.8, 1.0), patch_size=config.vision_config.patch_size),
+        text_augmentation=TextAugmentation(),
+    )
+    torch.manual_seed(0)
+    return collator([data[i] for i in range(batch_size)]), tokenizer
 
 
-def build(preset: str, objectives: tuple[str, ...], queue_size: int = 0) -> XModalForPreTraining:
-    weights = {f"{name}_loss_weight": float(name in objectives) for name in OBJECTIVES}
-    config = XModalConfig.from_preset(preset, num_labels=NUM_ANSWERS, queue_size=queue_size, **weights)
+def build(
+    preset: str, tokenizer: object, objectives: tuple[str, ...], **config_fields: object
+) -> XModalForPreTraining:
+    config = build_config(PretrainArguments(preset=preset), tokenizer, objectives)
+    for name, value in config_fields.items():
+        setattr(config, name, value)
     return XModalForPreTraining(config).train()
-
-
-def make_inputs(config: XModalConfig, batch_size: int, views: bool, seq_length: int = 24) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    size, vocab = config.vision_config.image_size, config.text_config.vocab_size
-    input_ids = torch.randint(5, vocab, (batch_size, seq_length), generator=generator)
-    input_ids[:, 0], input_ids[:, -1] = 2, 3
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": torch.randn(batch_size, 3, size, size, generator=generator),
-        "question_input_ids": torch.randint(5, vocab, (batch_size, 12), generator=generator),
-        "vqa_labels": torch.randint(NUM_ANSWERS, (batch_size,), generator=generator),
-    }
-    if views:
-        inputs["second_view_pixel_values"] = torch.randn(batch_size, 3, size, size, generator=generator)
-        inputs["second_view_input_ids"] = input_ids.flip(1)
-    return inputs
 
 
 def step_function(model: XModalForPreTraining, inputs: dict[str, torch.Tensor]):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
+        torch.manual_seed(0)
         loss = model(**inputs, return_loss=True).loss
         loss.backward()
         optimizer.step()
@@ -71,32 +87,38 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.manual_seed(0)
     results = {"machine": machine(), "batch_size": args.batch_size, "repeats": args.repeats, "presets": {}}
     for preset in args.presets:
-        models = {
-            "contrastive": build(preset, ("contrastive",)),
-            "multitask": build(preset, OBJECTIVES),
-            "multitask+queue+views": build(preset, OBJECTIVES, queue_size=4096),
+        batch, tokenizer = real_batch(preset, args.batch_size)
+        plain = {key: value for key, value in batch.items() if not key.startswith("second_view_")}
+        no_vqa = {
+            key: value
+            for key, value in plain.items()
+            if key not in ("question_input_ids", "question_attention_mask", "vqa_labels")
         }
-        config = models["contrastive"].config
+        torch.manual_seed(0)
         steps = {
-            name: step_function(model, make_inputs(config, args.batch_size, views=name.endswith("views")))
-            for name, model in models.items()
+            "contrastive": step_function(build(preset, tokenizer, ("contrastive",)), no_vqa),
+            "multitask": step_function(build(preset, tokenizer, OBJECTIVES), plain),
+            "multitask-itm-all": step_function(build(preset, tokenizer, OBJECTIVES, itm_sampling="all"), plain),
+            "multitask+queue+views": step_function(build(preset, tokenizer, OBJECTIVES, queue_size=4096), batch),
         }
         times = time_alternating(steps, repeats=args.repeats)
         base = median(times["contrastive"])
         row = {
             name: {
                 "median_s": round(median(values), 4),
-                "runs_s": [round(v, 4) for v in values],
+                "runs_s": [round(value, 4) for value in values],
                 "ratio": round(median(values) / base, 2),
             }
             for name, values in times.items()
         }
+        row["shapes"] = {key: list(value.shape) for key, value in batch.items()}
+        row["vocab_size"] = len(tokenizer)
         results["presets"][preset] = row
         print(
-            f"{preset}: " + ", ".join(f"{name} {r['median_s']:.3f} s ({r['ratio']:.2f}x)" for name, r in row.items())
+            f"{preset}: "
+            + ", ".join(f"{name} {row[name]['median_s']:.3f} s ({row[name]['ratio']:.2f}x)" for name in steps)
         )
     path = write_result("multitask_cost", results)
     print(f"wrote {path}")

@@ -22,6 +22,7 @@ FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
 POOLING_MODES = ("cls", "mean")
 CONTRASTIVE_LOSS_TYPES = ("nt_xent", "siglip")
 MIM_SOURCES = ("image", "fused")
+ITM_SAMPLING = ("all", "half")
 LOSS_WEIGHT_FIELDS = (
     "contrastive_loss_weight",
     "itm_loss_weight",
@@ -292,11 +293,17 @@ class XModalConfig(PreTrainedConfig):
         multiview_loss_weight (`float`): weight of the image-image NT-Xent term when two augmented views are given.
         itm_hard_negatives (`bool`): sample ITM negatives from the contrastive similarities (ALBEF) instead of
             uniformly.
+        itm_sampling (`str`): `"half"` (default) fuses B pairs per batch, half of them replaced by hard negatives
+            (the UNITER/ViLT budget, balanced classes); `"all"` fuses 3B pairs: every positive, a negative image per
+            text and a negative text per image (ALBEF), three times the ITM compute (see bench/multitask_cost.py).
         itm_rerank_top_k (`int`): candidates per query that [`XModalForImageTextRetrieval`] re-ranks with ITM.
         mlm_probability (`float`): share of text tokens masked for MLM (BERT's 80/10/10 rule applies).
         mask_token_id (`int`): the [MASK] id; special_token_ids (`list[int]`): ids never masked (default:
             padding, [CLS]=2, [SEP]=3 and [MASK] of the xmodal tokenizer).
-        mim_mask_ratio (`float`): share of image patches masked for MIM.
+        mim_mask_ratio (`float`): share of image patches masked for MIM (0.75, MAE); the built-in image tower
+            encodes only the visible ones.
+        mim_decoder_config (`dict` or `XModalCrossConfig`, *optional*): the MIM decoder's transformer blocks (its
+            `direction` is unused); by default one block at half the fusion module's width (MAE's light decoder).
         mim_source (`str`): reconstruct from the image tower's tokens (`"image"`) or from the fused image stream
             (`"fused"`, needs `cross_config.direction` `image_to_text` or `both`).
         mim_norm_pix_loss (`bool`): regress per-patch normalised pixels (MAE).
@@ -318,12 +325,14 @@ class XModalConfig(PreTrainedConfig):
         "text_config": XModalTextConfig,
         "cross_config": XModalCrossConfig,
         "decoder_config": XModalDecoderConfig,
+        "mim_decoder_config": XModalCrossConfig,
     }
 
     vision_config: PreTrainedConfig | dict | None = None
     text_config: PreTrainedConfig | dict | None = None
     cross_config: PreTrainedConfig | dict | None = None
     decoder_config: PreTrainedConfig | dict | None = None
+    mim_decoder_config: PreTrainedConfig | dict | None = None
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
     max_logit_scale: float = 100.0
@@ -343,11 +352,12 @@ class XModalConfig(PreTrainedConfig):
     save_queue: bool = False
     multiview_loss_weight: float = 1.0
     itm_hard_negatives: bool = True
+    itm_sampling: str = "half"
     itm_rerank_top_k: int = 16
     mlm_probability: float = 0.15
     mask_token_id: int = 4
     special_token_ids: list[int] | None = None
-    mim_mask_ratio: float = 0.6
+    mim_mask_ratio: float = 0.75
     mim_source: str = "image"
     mim_norm_pix_loss: bool = True
     tie_word_embeddings: bool = True
@@ -363,6 +373,12 @@ class XModalConfig(PreTrainedConfig):
         elif isinstance(self.decoder_config, dict):
             self.decoder_config = XModalDecoderConfig(
                 **{k: v for k, v in self.decoder_config.items() if k != "model_type"}
+            )
+        if self.mim_decoder_config is None:
+            self.mim_decoder_config = self._default_mim_decoder_config()
+        elif isinstance(self.mim_decoder_config, dict):
+            self.mim_decoder_config = XModalCrossConfig(
+                **{k: v for k, v in self.mim_decoder_config.items() if k != "model_type"}
             )
         if self.special_token_ids is None:
             self.special_token_ids = sorted(
@@ -387,6 +403,10 @@ class XModalConfig(PreTrainedConfig):
                 f"XModalConfig.contrastive_loss_type {self.contrastive_loss_type!r} is unknown; accepted: "
                 f"{', '.join(CONTRASTIVE_LOSS_TYPES)}."
             )
+        if self.itm_sampling not in ITM_SAMPLING:
+            raise ValueError(
+                f"XModalConfig.itm_sampling {self.itm_sampling!r} is unknown; accepted: {', '.join(ITM_SAMPLING)}."
+            )
         if self.mim_source not in MIM_SOURCES:
             raise ValueError(
                 f"XModalConfig.mim_source {self.mim_source!r} is unknown; accepted: {', '.join(MIM_SOURCES)}."
@@ -398,13 +418,29 @@ class XModalConfig(PreTrainedConfig):
                 raise ValueError(f"XModalConfig.{field} must be a float in (0, 1), got {value!r}.")
         _check_positive_int(self, "queue_size", allow_zero=True)
         if self.queue_size and self.contrastive_loss_type == "siglip":
-            raise ValueError("XModalConfig.queue_size > 0 (momentum queue negatives) needs contrastive_loss_type='nt_xent'.")
+            raise ValueError(
+                "XModalConfig.queue_size > 0 (momentum queue negatives) needs contrastive_loss_type='nt_xent'."
+            )
         _check_positive_int(self, "itm_rerank_top_k")
         _check_positive_int(self, "mask_token_id", allow_zero=True)
         for field in (*LOSS_WEIGHT_FIELDS, "multiview_loss_weight"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"XModalConfig.{field} must be a non-negative number, got {value!r}.")
+
+    def _default_mim_decoder_config(self) -> XModalCrossConfig:
+        """One transformer block at half the fusion module's width (MAE's decoder is lighter than its encoder)."""
+        cross = self.cross_config if isinstance(self.cross_config, PreTrainedConfig) else XModalCrossConfig()
+        heads = max(1, cross.num_attention_heads // 2)
+        hidden = max(heads, (cross.hidden_size // 2) // heads * heads)
+        return XModalCrossConfig(
+            hidden_size=hidden,
+            intermediate_size=max(1, cross.intermediate_size // 2),
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            hidden_act=cross.hidden_act,
+            layer_norm_eps=cross.layer_norm_eps,
+        )
 
     def _default_decoder_config(self) -> XModalDecoderConfig:
         """A captioning decoder as wide and deep as the fusion module, over the text tower's vocabulary."""

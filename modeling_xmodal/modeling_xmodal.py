@@ -312,6 +312,24 @@ def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dty
     return mask[:, None, None, :]
 
 
+def _keep_visible(tokens: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """`(B, N, D)` tokens and a `(B, N)` mask with the same number of True entries per row -> the unmasked tokens
+    `(B, N - num_masked, D)`, in their original order."""
+    if bool_masked_pos.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"bool_masked_pos must have shape (batch_size, num_patches)={tuple(tokens.shape[:2])}, got "
+            f"{tuple(bool_masked_pos.shape)}."
+        )
+    visible = ~bool_masked_pos.bool()
+    counts = visible.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(
+            f"bool_masked_pos must mask the same number of patches in every image (got {sorted(set(counts.tolist()))} "
+            "visible); use xmodal.random_patch_mask."
+        )
+    return tokens[visible].reshape(tokens.shape[0], int(counts[0]), tokens.shape[-1])
+
+
 def _causal_mask(
     attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
@@ -367,14 +385,19 @@ class XModalAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
+        encoder_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)`, additive `attention_mask`
-        `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`."""
+        """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)` (or `(M, Lk, C)` with `encoder_index`
+        `(B,)` picking row `encoder_index[b]` for query row b: each context is projected once however often it is
+        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`."""
         batch_size, query_length, _ = hidden_states.shape
         if self.is_cross_attention:
             query = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.head_dim)
             key_length = encoder_hidden_states.shape[1]
-            kv = self.kv_proj(encoder_hidden_states).view(batch_size, key_length, 2, self.num_heads, self.head_dim)
+            kv = self.kv_proj(encoder_hidden_states)
+            if encoder_index is not None:
+                kv = kv[encoder_index]
+            kv = kv.view(batch_size, key_length, 2, self.num_heads, self.head_dim)
             key, value = kv.unbind(dim=2)
         else:
             qkv = self.qkv_proj(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
@@ -444,13 +467,17 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        encoder_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(B, L, C)`; masks are additive `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`."""
+        """`hidden_states` `(B, L, C)`; masks are additive `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or
+        `(M, Lk, C)` indexed by `encoder_index` `(B,)` (unpadded contexts only)."""
         attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache)
         hidden_states = hidden_states + self.dropout(attended)
         if self.has_cross_attention:
             context = self.context_layer_norm(encoder_hidden_states)
-            cross = self.cross_attn(self.cross_layer_norm(hidden_states), encoder_attention_mask, context)
+            cross = self.cross_attn(
+                self.cross_layer_norm(hidden_states), encoder_attention_mask, context, encoder_index=encoder_index
+            )
             hidden_states = hidden_states + self.dropout(cross)
         return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
 
@@ -483,10 +510,11 @@ class XModalEncoder(nn.Module):
 
 class XModalVisionEmbeddings(nn.Module):
     """Conv patch embedding + [CLS] token + learned position embeddings (bicubically interpolated for other
-    resolutions when asked): `(B, C, H, W)` -> `(B, 1 + H/P * W/P, D)`. With `use_mask_token=True`, patches flagged
-    in `bool_masked_pos` are replaced by a learned [MASK] embedding (masked image modelling, BEiT/SimMIM)."""
+    resolutions when asked): `(B, C, H, W)` -> `(B, 1 + H/P * W/P, D)`. Patches flagged in `bool_masked_pos` are
+    dropped after their position embedding is added, so the encoder sees only the visible ones (MAE, He et al. 2022):
+    `(B, 1 + num_visible, D)`."""
 
-    def __init__(self, config: XModalVisionConfig, use_mask_token: bool = False) -> None:
+    def __init__(self, config: XModalVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.patch_size = config.patch_size
@@ -495,7 +523,6 @@ class XModalVisionEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -533,28 +560,22 @@ class XModalVisionEmbeddings(nn.Module):
             raise ValueError(f"Input image size ({height}x{width}) is smaller than the patch size {self.patch_size}.")
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # (B, num_patches, D)
+        position = self.interpolate_pos_encoding(height, width)
+        patches = patches + position[:, 1:]
         if bool_masked_pos is not None:
-            if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a vision tower built with use_mask_token=True.")
-            if bool_masked_pos.shape != patches.shape[:2]:
-                raise ValueError(
-                    f"bool_masked_pos must have shape (batch_size, num_patches)={tuple(patches.shape[:2])}, got "
-                    f"{tuple(bool_masked_pos.shape)}."
-                )
-            weights = bool_masked_pos.unsqueeze(-1).to(patches.dtype)
-            patches = patches * (1.0 - weights) + self.mask_token.to(patches.dtype) * weights
-        embeddings = torch.cat([self.class_embedding.expand(batch_size, -1, -1), patches], dim=1)
-        return self.dropout(embeddings + self.interpolate_pos_encoding(height, width))
+            patches = _keep_visible(patches, bool_masked_pos)  # (B, num_visible, D)
+        class_token = (self.class_embedding + position[:, :1]).expand(batch_size, -1, -1)
+        return self.dropout(torch.cat([class_token, patches], dim=1))
 
 
 class XModalVisionTransformer(nn.Module):
     """The built-in ViT image tower: `pixel_values` `(B, C, H, W)` -> tokens `(B, 1 + num_patches, D)`, final
     LayerNorm applied."""
 
-    def __init__(self, config: XModalVisionConfig, use_mask_token: bool = False) -> None:
+    def __init__(self, config: XModalVisionConfig) -> None:
         super().__init__()
         self.config = config
-        self.embeddings = XModalVisionEmbeddings(config, use_mask_token=use_mask_token)
+        self.embeddings = XModalVisionEmbeddings(config)
         self.encoder = XModalEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -651,10 +672,11 @@ def _build_tower(
     config: PreTrainedConfig, builtin_class: type[nn.Module], builtin_config: type, use_mask_token: bool = False
 ) -> nn.Module:
     """The built-in tower for an xmodal tower config, else `AutoModel.from_config` (e.g. ViT, BERT) without its
-    unused pooling head. `use_mask_token` adds the [MASK] patch embedding of masked image modelling."""
+    unused pooling head. For masked image modelling, `use_mask_token` gives an external tower its [MASK] patch
+    embedding (BEiT/SimMIM style; the built-in tower drops masked patches instead, as MAE)."""
     # compare model types, not classes: remote code may load the config module more than once
     if config.model_type == builtin_config.model_type:
-        return builtin_class(config, use_mask_token=use_mask_token) if use_mask_token else builtin_class(config)
+        return builtin_class(config)
     if not isinstance(getattr(config, "hidden_size", None), int):
         raise ValueError(
             f"A {config.model_type!r} tower has no integer `hidden_size`; xmodal supports transformer towers with a "
@@ -720,19 +742,31 @@ class XModalFusionModel(nn.Module):
         image_hidden_states: torch.Tensor,
         text_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> XModalFusionOutput:
-        """`image_hidden_states` `(B, Li, Dv)`, `text_hidden_states` `(B, Lt, Dt)`, text `attention_mask` `(B, Lt)`."""
+        """`image_hidden_states` `(B, Li, Dv)`, `text_hidden_states` `(B, Lt, Dt)`, text `attention_mask` `(B, Lt)`.
+        With `image_index` `(B,)`, pair b is text b with image `image_index[b]` of `image_hidden_states` `(M, Li, Dv)`:
+        when only text attends to the image, each image's keys/values are computed once for all its pairs."""
+        if image_index is not None and self.image_layers is not None:
+            # the image stream is updated per pair: materialise the pairs
+            image_hidden_states, image_index = image_hidden_states[image_index], None
         image = self.image_input_projection(image_hidden_states)
         text = self.text_input_projection(text_hidden_states)
         text_mask = _additive_padding_mask(attention_mask, text.dtype)
         for index in range(self.config.num_hidden_layers):
-            new_text = self.text_layers[index](text, text_mask, image, None) if self.text_layers else text
+            new_text = (
+                self.text_layers[index](text, text_mask, image, None, encoder_index=image_index)
+                if self.text_layers
+                else text
+            )
             image = self.image_layers[index](image, None, text, text_mask) if self.image_layers else image
             text = new_text
         if self.text_layer_norm is not None:
             text = self.text_layer_norm(text)
         if self.image_layer_norm is not None:
             image = self.image_layer_norm(image)
+        if image_index is not None:
+            image = image[image_index]
         if self.config.direction == "text_to_image":
             pooled = text[:, 0]
         elif self.config.direction == "image_to_text":
@@ -776,6 +810,45 @@ class XModalVQAHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.layer_norm(self.activation_fn(self.dense(pooled))))
+
+
+class XModalMIMDecoder(nn.Module):
+    """MAE's decoder (He et al. 2022): the encoded visible patches, projected to the decoder width, are put back in
+    place among shared [MASK] tokens, given position embeddings, passed through the self-attention blocks of
+    `config.mim_decoder_config`, and a linear head predicts every patch's pixels: `(B, 1 + num_visible, D)` and
+    `bool_masked_pos` `(B, N)` -> `(B, N, P * P * C)`. Tokens of an external tower that kept all patches (with its
+    own mask token, SimMIM style) are used as they are."""
+
+    def __init__(self, config: XModalConfig, input_size: int) -> None:
+        super().__init__()
+        vision, decoder = config.vision_config, config.mim_decoder_config
+        self.num_patches = (vision.image_size // vision.patch_size) ** 2
+        self.input_projection = nn.Linear(input_size, decoder.hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder.hidden_size))
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches, decoder.hidden_size))
+        self.layers = nn.ModuleList([XModalEncoderLayer(decoder) for _ in range(decoder.num_hidden_layers)])
+        self.layer_norm = nn.LayerNorm(decoder.hidden_size, eps=decoder.layer_norm_eps)
+        self.head = nn.Linear(decoder.hidden_size, vision.patch_size**2 * vision.num_channels)
+
+    def forward(self, hidden_states: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+        batch_size, num_patches = bool_masked_pos.shape
+        if num_patches != self.num_patches:
+            raise ValueError(
+                f"Masked image modelling runs at the configured resolution ({self.num_patches} patches), got "
+                f"{num_patches} patches; resize the images instead of interpolating position embeddings."
+            )
+        tokens = self.input_projection(hidden_states[:, 1:])  # drop [CLS]
+        if tokens.shape[1] == num_patches:
+            full = tokens
+        else:
+            masked = bool_masked_pos.bool()
+            full = tokens.new_zeros(batch_size, num_patches, tokens.shape[-1])
+            full[~masked] = tokens.reshape(-1, tokens.shape[-1])
+            full = full + masked.unsqueeze(-1).to(full.dtype) * self.mask_token
+        full = full + self.position_embedding
+        for layer in self.layers:
+            full = layer(full)
+        return self.head(self.layer_norm(full))
 
 
 class XModalTextDecoder(nn.Module):
@@ -961,8 +1034,9 @@ class XModalPreTrainedModel(PreTrainedModel):
         if isinstance(module, XModalVisionEmbeddings):
             init.trunc_normal_(module.class_embedding, std=module.config.initializer_range)
             init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
-            if module.mask_token is not None:
-                init.zeros_(module.mask_token)
+        elif isinstance(module, XModalMIMDecoder):
+            init.zeros_(module.mask_token)
+            init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
         elif isinstance(module, XModalMLMHead):
             init.zeros_(module.decoder.bias)
         elif isinstance(module, XModalMomentumEncoder):
@@ -1074,22 +1148,32 @@ class XModalPreTrainedModel(PreTrainedModel):
         image_hidden_states: torch.Tensor,
         text_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> XModalFusionOutput:
         """Runs the fusion module on tower outputs already computed (so objectives can share one tower pass).
 
         Args:
-            image_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, vision_hidden_size)`).
+            image_hidden_states (`torch.FloatTensor` of shape `(num_images, num_image_tokens, vision_hidden_size)`).
             text_hidden_states (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): text padding mask.
+            image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): the image of each text (default:
+                image i with text i, `num_images == batch_size`); an image used by several pairs is projected once.
         """
         if getattr(self, "cross_model", None) is None:
             raise ValueError("This model has no fusion module (cross_config.num_hidden_layers=0).")
-        if image_hidden_states.shape[0] != text_hidden_states.shape[0]:
+        num_images, num_texts = image_hidden_states.shape[0], text_hidden_states.shape[0]
+        if image_index is None and num_images != num_texts:
             raise ValueError(
-                f"Fusion pairs images with texts one to one: got {image_hidden_states.shape[0]} images and "
-                f"{text_hidden_states.shape[0]} texts."
+                f"Fusion pairs images with texts one to one: got {num_images} images and {num_texts} texts "
+                "(pass image_index to pair texts with images otherwise)."
             )
-        return self.cross_model(image_hidden_states, text_hidden_states, attention_mask)
+        if image_index is not None and (
+            image_index.shape != (num_texts,) or int(image_index.min()) < 0 or int(image_index.max()) >= num_images
+        ):
+            raise ValueError(
+                f"image_index must be {num_texts} indices in [0, {num_images}), got shape {tuple(image_index.shape)}."
+            )
+        return self.cross_model(image_hidden_states, text_hidden_states, attention_mask, image_index)
 
     def _fused_pairs(
         self,
@@ -1326,9 +1410,10 @@ class XModalForPreTrainingOutput(ModelOutput):
         contrastive_loss, itm_loss, mlm_loss, mim_loss, captioning_loss, vqa_loss (`torch.FloatTensor` of shape `()`).
         logits_per_image (`torch.FloatTensor` of shape `(batch_size, batch_size)`), logits_per_text: the transpose.
         image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised.
-        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`): positives, then text-with-negative-image,
-            then image-with-negative-text pairs.
-        mlm_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`, or `(3 * batch_size, 2)` with
+            `itm_sampling="all"`: positives, then text-with-negative-image, then image-with-negative-text).
+        mlm_logits (`torch.FloatTensor` of shape `(num_masked_tokens, vocab_size)`): at the masked positions only
+            (row-major order), where the vocabulary projection is computed.
         mim_logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`).
         captioning_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
         vqa_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`).
@@ -1362,7 +1447,8 @@ class XModalImageTextRetrievalOutput(ModelOutput):
         itm_scores_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`, *optional*): with
             `rerank_top_k`, the ITM match log-odds of each text's top-k images by contrastive score, -inf elsewhere;
             rank images by it.
-        itm_logits (`torch.FloatTensor` of shape `(3 * batch_size, 2)`, *optional*): the ITM logits of the loss.
+        itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`, or `(3 * batch_size, 2)` with
+            `itm_sampling="all"`, *optional*): the ITM logits of the loss.
         image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised.
     """
 
@@ -1401,6 +1487,42 @@ def _itm_pairs(
     return picks[0], picks[1], has_negative
 
 
+def _itm_inputs(
+    model: XModalModel,
+    text_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    logits_per_text: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The image-text matching pairs, with negatives sampled by `_itm_pairs`:
+
+    - `config.itm_sampling="all"` (ALBEF): B positives, B texts with a negative image, B images with a negative text;
+    - `"half"` (the UNITER/ViLT budget): B pairs, each kept with probability 1/2, else given a negative image or a
+      negative text (1/4 each); a pair with no possible negative stays positive.
+
+    Returns `(texts (N, L, D), attention_mask (N, L), image_index (N,), labels (N,))`, N = 3B or B; labels are 1 for a
+    match, 0 for a negative, -100 for a negative that could not be drawn."""
+    batch_size = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    neg_image, neg_text, has_negative = _itm_pairs(logits_per_text, input_ids, model.config.itm_hard_negatives)
+    index = torch.arange(batch_size, device=input_ids.device)
+    ones = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+    if model.config.itm_sampling == "half":
+        with torch.no_grad():
+            draw = torch.rand(batch_size, device=input_ids.device)
+            swap_image = (draw < 0.25) & has_negative
+            swap_text = (draw >= 0.25) & (draw < 0.5) & has_negative
+            image_index = torch.where(swap_image, neg_image, index)
+            text_index = torch.where(swap_text, neg_text, index)
+            labels = torch.where(swap_image | swap_text, torch.zeros_like(ones), ones)
+        return text_hidden_states[text_index], attention_mask[text_index], image_index, labels
+    texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[neg_text]])
+    masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+    negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
+    return texts, masks, torch.cat([index, neg_image, index]), torch.cat([ones, negative, negative])
+
+
 def _itm_loss(
     model: XModalModel,
     image_hidden_states: torch.Tensor,
@@ -1409,19 +1531,12 @@ def _itm_loss(
     input_ids: torch.Tensor,
     logits_per_text: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-text matching (ALBEF) on B positives, B texts with a sampled negative image and B images with a sampled
-    negative text, from tower outputs `(B, L, D)`. Returns `(loss, itm_logits (3B, 2))`."""
-    batch_size = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    neg_image, neg_text, has_negative = _itm_pairs(logits_per_text, input_ids, model.config.itm_hard_negatives)
-    images = torch.cat([image_hidden_states, image_hidden_states[neg_image], image_hidden_states])
-    texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[neg_text]])
-    masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-    itm_logits = model.itm_head(model.fuse(images, texts, masks).pooler_output)
-    ones = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
-    negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
-    labels = torch.cat([ones, negative, negative])
+    """Image-text matching (ALBEF) from tower outputs `(B, L, D)`. Returns `(loss, itm_logits (N, 2))`, N = B or 3B
+    (`config.itm_sampling`)."""
+    texts, masks, image_index, labels = _itm_inputs(
+        model, text_hidden_states, attention_mask, input_ids, logits_per_text
+    )
+    itm_logits = model.itm_head(model.fuse(image_hidden_states, texts, masks, image_index).pooler_output)
     return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
 
 
@@ -1449,9 +1564,10 @@ class XModalForImageTextRetrieval(XModalModel):
         if attention_mask is None:
             attention_mask = torch.ones(text_hidden_states.shape[:2], dtype=torch.long, device=candidates.device)
         fused = self.fuse(
-            image_hidden_states[candidates.reshape(-1)],
+            image_hidden_states,
             text_hidden_states.repeat_interleave(top_k, dim=0),
             attention_mask.repeat_interleave(top_k, dim=0),
+            image_index=candidates.reshape(-1),
         ).pooler_output
         itm = self.itm_head(fused).float()
         log_odds = (itm[:, 1] - itm[:, 0]).reshape(num_texts, top_k)
@@ -1776,7 +1892,9 @@ class XModalForPreTraining(XModalModel):
 
     @property
     def _vision_mask_token(self) -> bool:
-        return self.config.mim_loss_weight > 0
+        # the built-in tower drops masked patches (MAE); an external one needs its own [MASK] embedding
+        vision = self.config.vision_config
+        return self.config.mim_loss_weight > 0 and vision.model_type != XModalVisionConfig.model_type
 
     def _init_head(self) -> None:
         config = self.config
@@ -1791,13 +1909,14 @@ class XModalForPreTraining(XModalModel):
         if config.mlm_loss_weight > 0:
             _require_stream(config, "text", "Masked language modelling")
             self.mlm_head = XModalMLMHead(config)
-        self.mim_head = None
+        self.mim_decoder = None
         if config.mim_loss_weight > 0:
-            vision = config.vision_config
             if config.mim_source == "fused":
                 _require_stream(config, "image", "Masked image modelling from the fused representation")
-            width = config.cross_config.hidden_size if config.mim_source == "fused" else vision.hidden_size
-            self.mim_head = nn.Linear(width, vision.patch_size**2 * vision.num_channels)
+            width = (
+                config.cross_config.hidden_size if config.mim_source == "fused" else config.vision_config.hidden_size
+            )
+            self.mim_decoder = XModalMIMDecoder(config, width)
         self.text_decoder = self.lm_head = None
         if config.captioning_loss_weight > 0:
             decoder = config.decoder_config
@@ -1811,6 +1930,34 @@ class XModalForPreTraining(XModalModel):
             for key, target in type(self)._tied_weights_keys.items()
             if getattr(self, key.split(".")[0]) is not None
         }
+
+    def _fuse_requests(
+        self, image: torch.Tensor, requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+    ) -> dict[str, XModalFusionOutput]:
+        """Fuses `{name: (text tokens (N, L, D), mask (N, L) or None, image_index (N,))}` with the `(B, Li, Dv)` image
+        tokens: requests of one text length go through the fusion module together."""
+        by_length: dict[int, list[str]] = {}
+        for name, (texts, _, _) in requests.items():
+            by_length.setdefault(texts.shape[1], []).append(name)
+        fused: dict[str, XModalFusionOutput] = {}
+        for names in by_length.values():
+            parts = [requests[name] for name in names]
+            masks = [
+                mask if mask is not None else torch.ones(texts.shape[:2], device=texts.device, dtype=torch.long)
+                for texts, mask, _ in parts
+            ]
+            out = self.fuse(
+                image,
+                torch.cat([texts for texts, _, _ in parts]),
+                torch.cat(masks),
+                image_index=torch.cat([index for _, _, index in parts]),
+            )
+            sizes = [texts.shape[0] for texts, _, _ in parts]
+            for name, pooled, tokens in zip(
+                names, out.pooler_output.split(sizes), out.text_last_hidden_state.split(sizes), strict=True
+            ):
+                fused[name] = XModalFusionOutput(pooler_output=pooled, text_last_hidden_state=tokens)
+        return fused
 
     def _queue_contrastive_loss(
         self,
@@ -1958,10 +2105,15 @@ class XModalForPreTraining(XModalModel):
                 second_view_attention_mask,
                 interpolate_pos_encoding,
             )
+        # Fusion requests of the ITM, MLM and VQA objectives; those of equal text length share one fusion call, in
+        # which each image's cross-attention keys/values are computed once.
+        requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.itm_head is not None:
-            losses["itm"], outputs["itm_logits"] = _itm_loss(
-                self, image, text, attention_mask, input_ids, logits_per_text
+            itm_texts, itm_masks, itm_index, itm_labels = _itm_inputs(
+                self, text, attention_mask, input_ids, logits_per_text
             )
+            requests["itm"] = (itm_texts, itm_masks, itm_index)
         if self.mlm_head is not None:
             if mlm_input_ids is None:
                 if special_tokens_mask is None:
@@ -1981,20 +2133,37 @@ class XModalForPreTraining(XModalModel):
             elif mlm_labels is None:
                 raise ValueError("mlm_input_ids were given without mlm_labels (original ids at masked positions).")
             masked_text = self._encode_text(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
-            fused_text = self.fuse(image, masked_text, attention_mask).text_last_hidden_state
-            outputs["mlm_logits"] = self.mlm_head(fused_text)
-            losses["mlm"] = masked_language_modeling_loss(outputs["mlm_logits"], mlm_labels)
-        if self.mim_head is not None:
-            if bool_masked_pos is None:
-                bool_masked_pos = random_patch_mask(
-                    image.shape[0], image.shape[1] - 1, config.mim_mask_ratio, device=image.device
+            requests["mlm"] = (masked_text, attention_mask, batch_index)
+        if self.vqa_head is not None:
+            if question_input_ids is None or vqa_labels is None:
+                raise ValueError(
+                    f"vqa_loss_weight={config.vqa_loss_weight} needs question_input_ids and vqa_labels (one question "
+                    "per image); pass them or set vqa_loss_weight=0."
                 )
+            question = self._encode_text(question_input_ids, question_attention_mask).last_hidden_state
+            requests["vqa"] = (question, question_attention_mask, batch_index)
+        fused = self._fuse_requests(image, requests)
+        if self.itm_head is not None:
+            outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output)
+            losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)
+        if self.mlm_head is not None:
+            # the vocabulary projection only where there is a target
+            selected = mlm_labels != -100
+            outputs["mlm_logits"] = self.mlm_head(fused["mlm"].text_last_hidden_state[selected])
+            losses["mlm"] = masked_language_modeling_loss(outputs["mlm_logits"], mlm_labels[selected])
+        if self.vqa_head is not None:
+            outputs["vqa_logits"] = self.vqa_head(fused["vqa"].pooler_output)
+            losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels)
+        if self.mim_decoder is not None:
+            num_patches = image.shape[1] - 1
+            if bool_masked_pos is None:
+                bool_masked_pos = random_patch_mask(image.shape[0], num_patches, config.mim_mask_ratio, image.device)
             masked_image = self._encode_image(
                 pixel_values, interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
             ).last_hidden_state
             if config.mim_source == "fused":
                 masked_image = self.fuse(masked_image, text, attention_mask).image_last_hidden_state
-            outputs["mim_logits"] = self.mim_head(masked_image[:, 1:])
+            outputs["mim_logits"] = self.mim_decoder(masked_image, bool_masked_pos)
             losses["mim"] = masked_image_modeling_loss(
                 outputs["mim_logits"],
                 pixel_values,
@@ -2012,16 +2181,6 @@ class XModalForPreTraining(XModalModel):
             decoded = self.text_decoder(decoder_input_ids, image, decoder_attention_mask)
             outputs["captioning_logits"] = self.lm_head(decoded)
             losses["captioning"] = causal_lm_loss(outputs["captioning_logits"], captioning_labels)
-        if self.vqa_head is not None:
-            if question_input_ids is None or vqa_labels is None:
-                raise ValueError(
-                    f"vqa_loss_weight={config.vqa_loss_weight} needs question_input_ids and vqa_labels (one question "
-                    "per image); pass them or set vqa_loss_weight=0."
-                )
-            question = self._encode_text(question_input_ids, question_attention_mask).last_hidden_state
-            fused = self.fuse(image, question, question_attention_mask).pooler_output
-            outputs["vqa_logits"] = self.vqa_head(fused)
-            losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels)
         total = sum(getattr(config, f"{name}_loss_weight") * value for name, value in losses.items())
         return XModalForPreTrainingOutput(
             loss=total if losses else None, **{f"{name}_loss": value for name, value in losses.items()}, **outputs

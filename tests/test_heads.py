@@ -26,6 +26,7 @@ from xmodal import (
 )
 
 NUM_LABELS = 5
+MASKED = object()  # placeholder for the number of masked tokens in an expected shape
 BOS, EOS, PAD = 2, 3, 0
 HEADS = (
     XModalModel,
@@ -126,14 +127,14 @@ def expected_shapes(head_class: type, tester, with_labels: bool) -> dict[str, tu
         return {
             **contrastive,
             **{f"{name}_loss": () for name in losses},
-            "itm_logits": (3 * b, 2),
-            "mlm_logits": (b, length, vocab),
+            "itm_logits": (b, 2),  # itm_sampling="half": one fused pair per example
+            "mlm_logits": (MASKED, vocab),  # only the masked positions
             "mim_logits": (b, num_tokens - 1, tester.patch_size**2 * 3),
             "captioning_logits": (b, length, vocab),
             "vqa_logits": (b, NUM_LABELS),
         }
     if head_class is XModalForImageTextRetrieval:
-        return {**contrastive, "itm_logits": (3 * b, 2)} if with_labels else contrastive
+        return {**contrastive, "itm_logits": (b, 2)} if with_labels else contrastive
     if head_class in (XModalForMaskedLM, XModalForConditionalGeneration):
         return {"logits": (b, length, vocab)}
     return {"logits": (b, NUM_LABELS)}
@@ -142,6 +143,17 @@ def expected_shapes(head_class: type, tester, with_labels: bool) -> dict[str, tu
 # --------------------------------------------------------------------------------------------------------------
 # 1. Outputs and gradients
 # --------------------------------------------------------------------------------------------------------------
+
+
+def test_mlm_logits_cover_exactly_the_masked_positions(tester):
+    model = build_head(tester, XModalForPreTraining).eval()
+    inputs = head_inputs(XModalForPreTraining, tester, with_labels=True)
+    torch.manual_seed(0)
+    out = model(**inputs)
+    assert out.mlm_logits.shape[0] > 0  # the tester's labels mask some tokens
+    labels = inputs.get("mlm_labels")
+    if labels is not None:
+        assert out.mlm_logits.shape[0] == int((labels != -100).sum())
 
 
 def test_heads_name_their_shared_parts_alike(tester):
@@ -154,9 +166,7 @@ def test_heads_name_their_shared_parts_alike(tester):
             module = getattr(model, part, None)
             if module is not None:
                 layouts[head_class.__name__] = {
-                    name: tuple(value.shape)
-                    for name, value in module.state_dict().items()
-                    if name != "embeddings.mask_token"
+                    name: tuple(value.shape) for name, value in module.state_dict().items()
                 }
         assert len(layouts) >= 2, part
         first = next(iter(layouts.values()))
@@ -172,7 +182,8 @@ def test_forward_outputs(tester, head_class, with_labels):
     shapes = expected_shapes(head_class, tester, with_labels)
     for name, shape in shapes.items():
         assert isinstance(out[name], torch.Tensor), name
-        assert tuple(out[name].shape) == shape, name
+        expected = tuple(out["mlm_logits"].shape[0] if size is MASKED else size for size in shape)
+        assert tuple(out[name].shape) == expected, name
         assert torch.isfinite(out[name]).all(), name
     tensors = {name for name, value in out.items() if isinstance(value, torch.Tensor)} - {"loss"}
     assert tensors <= set(shapes), f"unexpected outputs {tensors - set(shapes)}"
@@ -375,20 +386,17 @@ def test_pretraining_loads_from_a_base_model_checkpoint(tester, tmp_path):
     assert set(info["missing_keys"]) == head_only
     assert not set(info["missing_keys"]) & set(source_state)
     assert not info["unexpected_keys"]
-    for prefix in ("itm_head.", "mlm_head.dense.", "mim_head.", "text_decoder.", "lm_head.", "vqa_head."):
+    for prefix in ("itm_head.", "mlm_head.dense.", "mim_decoder.", "text_decoder.", "lm_head.", "vqa_head."):
         assert any(key.startswith(prefix) for key in head_only), prefix
-    assert "vision_model.embeddings.mask_token" in head_only
     for key, value in source_state.items():
         assert torch.equal(state[key], value), key
     _assert_tied(model)
     # the new heads are initialised, not left as uninitialised memory
     assert torch.equal(model.mlm_head.decoder.bias, torch.zeros_like(model.mlm_head.decoder.bias))
-    assert torch.equal(
-        model.vision_model.embeddings.mask_token, torch.zeros_like(model.vision_model.embeddings.mask_token)
-    )
+    assert torch.equal(model.mim_decoder.mask_token, torch.zeros_like(model.mim_decoder.mask_token))
     for weight in (
         model.itm_head.weight,
-        model.mim_head.weight,
+        model.mim_decoder.head.weight,
         model.vqa_head.classifier.weight,
         model.lm_head.weight,
     ):
@@ -432,11 +440,16 @@ def test_disabled_objectives_cost_nothing(tester, weights, text_calls, vision_ca
         for name in ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
         if weights.get(f"{name}_loss_weight", 1.0) > 0
     }
-    heads = {"itm": "itm_head", "mlm": "mlm_head", "mim": "mim_head", "captioning": "text_decoder", "vqa": "vqa_head"}
+    heads = {
+        "itm": "itm_head",
+        "mlm": "mlm_head",
+        "mim": "mim_decoder",
+        "captioning": "text_decoder",
+        "vqa": "vqa_head",
+    }
     for objective, attribute in heads.items():
         assert (getattr(model, attribute) is None) == (objective not in enabled), attribute
     assert (model.lm_head is None) == ("captioning" not in enabled)
-    assert (model.vision_model.embeddings.mask_token is None) == ("mim" not in enabled)
     calls = {"text": 0, "vision": 0}
     model.text_model.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
     model.vision_model.register_forward_hook(lambda *_: calls.__setitem__("vision", calls["vision"] + 1))
@@ -726,8 +739,9 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(tester):
     model.activation_checkpointing_enable()
     assert model.is_activation_checkpointing
     loss, grads = loss_and_grads()
-    # the fusion layer runs for ITM, MLM and VQA, and is recomputed for each in the backward pass
-    assert len(layer_calls) == 6
+    # the fusion layer runs once for ITM and MLM (same text length, one batched call) and once for VQA, and is
+    # recomputed for each call in the backward pass
+    assert len(layer_calls) == 4
     torch.testing.assert_close(loss, reference_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=1e-5, msg=name)

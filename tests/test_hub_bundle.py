@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoProcessor, pipeline
 
-from xmodal import AUTO_MAP, XModalImageProcessor, XModalModel, XModalProcessor, train_tokenizer
+from xmodal import AUTO_MAP, XModalImageProcessor, XModalModel, XModalProcessor, random_patch_mask, train_tokenizer
 from xmodal.hub import BUNDLE_MODULES as BUNDLE_FILES
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle", "two yellow stars", "a purple cross at the top"]
@@ -262,7 +262,7 @@ def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
     inputs["mlm_input_ids"][:, 1] = 4
     inputs["mlm_labels"] = torch.full_like(inputs["input_ids"], -100)
     inputs["mlm_labels"][:, 1] = inputs["input_ids"][:, 1]
-    inputs["bool_masked_pos"] = torch.rand(3, 16, generator=generator) < 0.5
+    inputs["bool_masked_pos"] = random_patch_mask(3, 16, 0.5, generator=generator)
     inputs["question_input_ids"] = torch.randint(5, 99, (3, 5), generator=generator)
     inputs["vqa_labels"] = torch.tensor([0, 4, 2])
     save_file(inputs, folder / "inputs.safetensors")

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import XModalModelTester
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -480,7 +481,9 @@ def test_itm_hard_negatives_follow_similarity():
 
 def test_itm_through_model(tester):
     torch.manual_seed(0)
-    config = tester.get_config(contrastive_loss_weight=1, **{**ONLY_CONTRASTIVE, "itm_loss_weight": 1})
+    config = tester.get_config(
+        contrastive_loss_weight=1, itm_sampling="all", **{**ONLY_CONTRASTIVE, "itm_loss_weight": 1}
+    )
     model = XModalForPreTraining(config).train()
     inputs = tester.get_inputs()
     out = model(**inputs, return_loss=True)
@@ -671,3 +674,56 @@ def test_multiview_contrastive_loss(tester):
     expected = sum(cross) / 4 + 0.5 * within
     _close(both, expected, 1e-4)
     assert abs(float(both) - float(single)) > 1e-3
+
+
+def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
+    """itm_sampling="half": B fused pairs; a pair is kept (label 1) or given a negative image or text (label 0), the
+    negatives never being a pair with an identical caption."""
+    from xmodal.modeling_xmodal import _itm_inputs
+
+    config = tester.get_config(itm_sampling="half")
+    model = XModalForPreTraining(config)
+    batch, length = 64, 5
+    input_ids = torch.arange(batch * length).reshape(batch, length) % 97 + 1
+    text = torch.randn(batch, length, 8)
+    logits = torch.randn(batch, batch)
+    torch.manual_seed(0)
+    texts, masks, image_index, labels = _itm_inputs(model, text, None, input_ids, logits)
+    assert texts.shape == (batch, length, 8) and masks.shape == (batch, length) and labels.shape == (batch,)
+    positives = labels == 1
+    assert 0.3 < float(positives.float().mean()) < 0.7
+    rows = torch.arange(batch)
+    # positives are the true pairs; each negative swaps exactly one side
+    assert torch.equal(image_index[positives], rows[positives])
+    assert torch.equal(texts[positives], text[positives])
+    for row in rows[~positives].tolist():
+        swapped_image = int(image_index[row]) != row
+        swapped_text = not torch.equal(texts[row], text[row])
+        assert swapped_image != swapped_text, row
+    # identical captions: no negative can be drawn, so every pair stays positive
+    same = torch.ones(4, length, dtype=torch.long)
+    _, _, image_index, labels = _itm_inputs(model, torch.randn(4, length, 8), None, same, torch.randn(4, 4))
+    assert labels.tolist() == [1, 1, 1, 1] and image_index.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("sampling, steps, target", [("all", 100, 0.35), ("half", 200, 0.6)])
+def test_itm_head_learns_to_tell_pairs_from_negatives(sampling, steps, target):
+    """ITM can fit a fixed set of 8 pairs (random images and texts): its loss falls well below the label prior
+    (ln 2 for "half"; 0.64 for "all", one positive to two negatives) within a few hundred steps."""
+    tester = XModalModelTester(batch_size=8, seq_length=6)
+    torch.manual_seed(0)
+    config = tester.get_config(
+        **{**ONLY_CONTRASTIVE, "itm_loss_weight": 1.0}, itm_sampling=sampling, itm_hard_negatives=False
+    )
+    model = XModalForPreTraining(config).train()
+    inputs = tester.get_inputs(padded=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = []
+    for _ in range(steps):
+        out = model(**inputs, return_loss=True)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(out.itm_loss.item())
+    assert sum(history[:20]) / 20 > 0.6
+    assert sum(history[-20:]) / 20 < target, [round(sum(history[i : i + 20]) / 20, 3) for i in range(0, steps, 20)]

@@ -32,6 +32,25 @@ def _tower_summary(config: Any) -> str:
     return ", ".join(parts)
 
 
+_OBJECTIVE_NAMES = {
+    "itm": "image-text matching",
+    "mlm": "masked language modelling",
+    "mim": "masked image modelling",
+    "captioning": "captioning",
+    "vqa": "visual question answering",
+}
+
+
+def _objectives_summary(config: XModalConfig, objectives: list[str]) -> str:
+    """A phrase naming the pretraining objectives of the run, e.g. "a contrastive loss (...) and captioning"."""
+    if config.contrastive_loss_type == "siglip":
+        contrastive = "a contrastive loss (SigLIP's pairwise sigmoid loss)"
+    else:
+        contrastive = "a contrastive loss (symmetric InfoNCE / NT-Xent with a learnable temperature)"
+    parts = [contrastive if name == "contrastive" else _OBJECTIVE_NAMES[name] for name in objectives]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
 def render_model_card(
     config: XModalConfig,
     metrics: dict[str, Any],
@@ -86,6 +105,7 @@ def render_model_card(
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         projection_dim=config.projection_dim,
+        objectives_summary=_objectives_summary(config, list(metrics.get("objectives", ["contrastive"]))),
         fusion_layers=cross.num_hidden_layers,
         fusion_direction=cross.direction,
         vision_summary=_tower_summary(config.vision_config),
