@@ -1642,21 +1642,41 @@ class XModalForImageTextRetrieval(XModalModel):
         )
 
 
-class XModalForMaskedLM(XModalPreTrainedModel):
-    """Masked language modelling conditioned on the image: the text tower reads the masked text, the fusion module
-    lets it attend to the image, and an MLM head tied to the word embeddings predicts the masked tokens."""
+class XModalFusedPairsModel(XModalPreTrainedModel):
+    """The towers and the fusion module, for heads that read the fused representation of image-text pairs; a
+    subclass adds its head in `_init_head` and names what it needs in `_purpose` and `_fused_stream` (`"text"` when
+    it reads the fused text tokens, None when the fused [CLS] suffices)."""
 
     main_input_name = "input_ids"
-    _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+    _purpose = "This head"
+    _fused_stream: str | None = None
 
     def __init__(self, config: XModalConfig) -> None:
         super().__init__(config)
-        _require_stream(config, "text", "Masked language modelling")
+        if self._fused_stream is not None:
+            _require_stream(config, self._fused_stream, self._purpose)
+        elif config.cross_config.num_hidden_layers == 0:
+            raise ValueError(f"{self._purpose} needs a fusion module (cross_config.num_hidden_layers > 0).")
         self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
         self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
         self.cross_model = _build_fusion(config)
-        self.mlm_head = XModalMLMHead(config)
+        self._init_head()
         self.post_init()
+
+    def _init_head(self) -> None:
+        """Adds the subclass's head before `post_init`."""
+
+
+class XModalForMaskedLM(XModalFusedPairsModel):
+    """Masked language modelling conditioned on the image: the text tower reads the masked text, the fusion module
+    lets it attend to the image, and an MLM head tied to the word embeddings predicts the masked tokens."""
+
+    _tied_weights_keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
+    _purpose = "Masked language modelling"
+    _fused_stream = "text"
+
+    def _init_head(self) -> None:
+        self.mlm_head = XModalMLMHead(self.config)
 
     @can_return_tuple
     def forward(
@@ -1687,22 +1707,15 @@ class XModalForMaskedLM(XModalPreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-class XModalForVisualQuestionAnswering(XModalPreTrainedModel):
+class XModalForVisualQuestionAnswering(XModalFusedPairsModel):
     """VQA as classification over an answer vocabulary (`config.num_labels`, `config.id2label`) from the fused
     [CLS], trained on VQA-v2 soft scores (ViLT). Generative answering is [`XModalForConditionalGeneration`] with the
     question as prompt."""
 
-    main_input_name = "input_ids"
+    _purpose = "Visual question answering"
 
-    def __init__(self, config: XModalConfig) -> None:
-        super().__init__(config)
-        if config.cross_config.num_hidden_layers == 0:
-            raise ValueError("Visual question answering needs a fusion module (cross_config.num_hidden_layers > 0).")
-        self.vision_model = _build_tower(config.vision_config, XModalVisionTransformer, XModalVisionConfig)
-        self.text_model = _build_tower(config.text_config, XModalTextTransformer, XModalTextConfig)
-        self.cross_model = _build_fusion(config)
-        self.vqa_head = XModalVQAHead(config)
-        self.post_init()
+    def _init_head(self) -> None:
+        self.vqa_head = XModalVQAHead(self.config)
 
     @can_return_tuple
     def forward(
@@ -2238,6 +2251,7 @@ __all__ = [
     "XModalForPreTraining",
     "XModalForPreTrainingOutput",
     "XModalForVisualQuestionAnswering",
+    "XModalFusedPairsModel",
     "XModalFusionOutput",
     "XModalImageTextRetrievalOutput",
     "XModalModel",

@@ -5,6 +5,7 @@ transformers.
 """
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
@@ -62,6 +63,10 @@ def _make_image_list(images: XModalImageInput) -> list[SingleImage]:
         TypeError: if an element is not a PIL image, numpy array or torch tensor (file paths are not loaded).
         ValueError: if the input holds no image, or an image is zero-sized or has an impossible number of dimensions.
     """
+    if not isinstance(images, (list, tuple, str, bytes, np.ndarray, torch.Tensor, PIL.Image.Image)) and isinstance(
+        images, Sequence
+    ):
+        images = list(images)  # e.g. a `datasets` Column (dataset["image"])
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError(f"Received an empty {type(images).__name__} of images; expected {_ACCEPTED_INPUTS}.")

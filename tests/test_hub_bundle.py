@@ -38,10 +38,19 @@ def saved_folder(tmp_path_factory) -> Path:
     tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=60, model_max_length=16)
     tester = XModalModelTester(vocab_size=len(tokenizer))
     torch.manual_seed(0)
-    model = XModalModel(tester.get_config(text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 32,
-                                                       "hidden_size": 32, "intermediate_size": 37,
-                                                       "num_hidden_layers": 2, "num_attention_heads": 4,
-                                                       "pad_token_id": tokenizer.pad_token_id})).eval()
+    model = XModalModel(
+        tester.get_config(
+            text_config={
+                "vocab_size": len(tokenizer),
+                "max_position_embeddings": 32,
+                "hidden_size": 32,
+                "intermediate_size": 37,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+        )
+    ).eval()
     processor = XModalProcessor(XModalImageProcessor(size={"height": 16, "width": 16}), tokenizer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -49,7 +58,10 @@ def saved_folder(tmp_path_factory) -> Path:
     with torch.no_grad():
         out = model(**inputs)
         fused = model.get_multimodal_features(**inputs).pooler_output
-    save_file({**dict(inputs), "logits_per_image": out.logits_per_image.contiguous(), "fused": fused.contiguous()}, folder / "expected.safetensors")
+    save_file(
+        {**dict(inputs), "logits_per_image": out.logits_per_image.contiguous(), "fused": fused.contiguous()},
+        folder / "expected.safetensors",
+    )
     return folder
 
 
@@ -75,7 +87,9 @@ def test_bundle_imports_only_allowed_modules(saved_folder):
                 roots = [alias.name.split(".")[0] for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    assert node.level == 1 and node.module in siblings, f"{name}.py: from {'.' * node.level}{node.module}"
+                    assert node.level == 1 and node.module in siblings, (
+                        f"{name}.py: from {'.' * node.level}{node.module}"
+                    )
                     continue
                 roots = [node.module.split(".")[0]]
             else:
@@ -86,7 +100,8 @@ def test_bundle_imports_only_allowed_modules(saved_folder):
                 assert root in ALLOWED_IMPORTS, f"{name}.py imports {root}"
 
 
-_REMOTE_SCRIPT = textwrap.dedent(
+# Prologue of the scripts run in a fresh process: importing xmodal fails there, as on a machine without it.
+_BLOCK_XMODAL = textwrap.dedent(
     """
     import sys
 
@@ -97,6 +112,11 @@ _REMOTE_SCRIPT = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, _NoXModal())
+    """
+)
+
+_REMOTE_SCRIPT = _BLOCK_XMODAL + textwrap.dedent(
+    """
 
     import torch
     from PIL import Image
@@ -142,7 +162,11 @@ def test_remote_code_round_trip_without_xmodal(saved_folder, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(saved_folder), str(out_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REMOTE-OK xmodal XModalForImageClassification" in result.stdout
@@ -188,7 +212,6 @@ def test_zero_shot_pipeline_with_installed_package(saved_folder):
     np.testing.assert_allclose([by_label[label] for label in labels], probs.numpy(), atol=1e-5)
 
 
-
 def test_save_with_push_is_refused_where_it_would_upload_an_incomplete_bundle(saved_folder, tmp_path):
     # config and processor saves would upload before the bundle is written: refused before any network call.
     # (model.save_pretrained(push_to_hub=True) is fine: the config's bundle is written before its upload.)
@@ -199,17 +222,8 @@ def test_save_with_push_is_refused_where_it_would_upload_an_incomplete_bundle(sa
         XModalProcessor.from_pretrained(saved_folder).save_pretrained(tmp_path / "push", push_to_hub=True)
 
 
-_HEADS_REMOTE_SCRIPT = textwrap.dedent(
+_HEADS_REMOTE_SCRIPT = _BLOCK_XMODAL + textwrap.dedent(
     """
-    import sys
-
-    class _NoXModal:
-        def find_spec(self, name, path=None, target=None):
-            if name == "xmodal" or name.startswith("xmodal."):
-                raise ModuleNotFoundError(f"xmodal is deliberately not importable here: {name}")
-            return None
-
-    sys.meta_path.insert(0, _NoXModal())
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -269,15 +283,25 @@ def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
     with torch.no_grad():
         torch.manual_seed(0)
         expected_loss = model(**inputs, return_loss=True).loss
-        mlm_loss = XModalForMaskedLM.from_pretrained(folder).eval()(
-            input_ids=inputs["mlm_input_ids"], pixel_values=inputs["pixel_values"],
-            attention_mask=inputs["attention_mask"], labels=inputs["mlm_labels"],
-        ).loss
-        vqa_logits = XModalForVisualQuestionAnswering.from_pretrained(folder).eval()(
-            input_ids=inputs["question_input_ids"], pixel_values=inputs["pixel_values"]
-        ).logits
-        captions = XModalForConditionalGeneration.from_pretrained(folder).eval().generate(
-            pixel_values=inputs["pixel_values"], max_new_tokens=5, num_beams=2
+        mlm_loss = (
+            XModalForMaskedLM.from_pretrained(folder)
+            .eval()(
+                input_ids=inputs["mlm_input_ids"],
+                pixel_values=inputs["pixel_values"],
+                attention_mask=inputs["attention_mask"],
+                labels=inputs["mlm_labels"],
+            )
+            .loss
+        )
+        vqa_logits = (
+            XModalForVisualQuestionAnswering.from_pretrained(folder)
+            .eval()(input_ids=inputs["question_input_ids"], pixel_values=inputs["pixel_values"])
+            .logits
+        )
+        captions = (
+            XModalForConditionalGeneration.from_pretrained(folder)
+            .eval()
+            .generate(pixel_values=inputs["pixel_values"], max_new_tokens=5, num_beams=2)
         )
     script = tmp_path / "remote_heads.py"
     script.write_text(_HEADS_REMOTE_SCRIPT)
@@ -285,7 +309,11 @@ def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(folder), str(out_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "HEADS-REMOTE-OK" in result.stdout

@@ -58,9 +58,7 @@ def test_contrastive_loss_matches_formula(tester):
     out = model(**tester.get_inputs(), return_loss=True)
     logits = out.logits_per_text
     n = logits.shape[0]
-    by_hand = -0.5 * sum(
-        logits[i].log_softmax(-1)[i] + logits[:, i].log_softmax(-1)[i] for i in range(n)
-    ) / n
+    by_hand = -0.5 * sum(logits[i].log_softmax(-1)[i] + logits[:, i].log_softmax(-1)[i] for i in range(n)) / n
     torch.testing.assert_close(out.loss, by_hand)
     torch.testing.assert_close(contrastive_loss(logits), by_hand)
     scale = math.exp(model.config.logit_scale_init_value)
@@ -243,7 +241,11 @@ def test_image_classification_head(tester, tmp_path):
 def test_pretrained_towers(tester, tmp_path):
     vit = ViTModel(
         ViTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            image_size=16,
             patch_size=4,
         )
     ).eval()
@@ -253,8 +255,10 @@ def test_pretrained_towers(tester, tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     bert.save_pretrained(tmp_path / "bert")
     model = XModalModel.from_vision_text_pretrained(
-        str(tmp_path / "vit"), str(tmp_path / "bert"), projection_dim=16, cross_config={"hidden_size": 32,
-        "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
+        str(tmp_path / "vit"),
+        str(tmp_path / "bert"),
+        projection_dim=16,
+        cross_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4},
     ).eval()
     assert model.config.vision_config.model_type == "vit" and model.config.text_config.model_type == "bert"
     inputs = tester.get_inputs()
@@ -302,7 +306,11 @@ def test_presets():
     assert (tiny.vision_config.image_size, tiny.vision_config.patch_size) == (64, 8)
     assert tiny.vision_config.hidden_size == 256 and tiny.vision_config.num_hidden_layers == 4
     base = XModalConfig.from_preset("base")
-    assert (base.vision_config.hidden_size, base.text_config.hidden_size, base.vision_config.image_size) == (768, 768, 224)
+    assert (base.vision_config.hidden_size, base.text_config.hidden_size, base.vision_config.image_size) == (
+        768,
+        768,
+        224,
+    )
     overridden = XModalConfig.from_preset("tiny", text_config={"vocab_size": 1000}, projection_dim=64)
     assert overridden.text_config.vocab_size == 1000 and overridden.text_config.hidden_size == 256
     assert overridden.projection_dim == 64

@@ -393,3 +393,13 @@ def test_processor_save_and_load_round_trip(processor: XModalProcessor, tmp_path
     assert set(before) == set(after)
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+def test_a_datasets_column_of_images_is_accepted():
+    from xmodal.training.data import make_synthetic_dataset
+
+    test = make_synthetic_dataset(num_train=0, num_validation=0, num_test=3, seed=0, image_size=32)["test"]
+    processor = XModalImageProcessor(size={"height": 32, "width": 32})
+    from_column = processor(images=test["image"], return_tensors="pt")["pixel_values"]
+    from_list = processor(images=list(test["image"]), return_tensors="pt")["pixel_values"]
+    assert from_column.shape == (3, 3, 32, 32) and torch.equal(from_column, from_list)
