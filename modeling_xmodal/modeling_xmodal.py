@@ -2063,6 +2063,7 @@ class XModalForPreTraining(XModalModel):
         question_input_ids: torch.LongTensor | None = None,
         question_attention_mask: torch.Tensor | None = None,
         vqa_labels: torch.Tensor | None = None,
+        contrastive_loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> XModalForPreTrainingOutput:
         r"""One multi-task pretraining step on image-text pairs (image i with text i).
@@ -2085,6 +2086,10 @@ class XModalForPreTraining(XModalModel):
             question_input_ids, question_attention_mask (`(batch_size, question_length)`), vqa_labels
                 (`(batch_size, num_labels)` soft scores or `(batch_size,)` answer indices): one question per image,
                 required when `vqa_loss_weight > 0`.
+            contrastive_loss_fn (*optional*): replaces the in-batch InfoNCE with `fn(image_embeds, text_embeds,
+                logit_scale)` (normalised `(B, D)` embeddings, the clamped exp(logit_scale)), e.g.
+                `xmodal.training.losses.ContrastiveLoss`, which gathers the global batch across processes; not
+                combinable with the momentum queue or second views.
 
         Returns:
             [`XModalForPreTrainingOutput`].
@@ -2105,7 +2110,16 @@ class XModalForPreTraining(XModalModel):
             return XModalForPreTrainingOutput(**outputs)
         _check_pairs(logits_per_text)
         losses: dict[str, torch.Tensor] = {}
-        if config.contrastive_loss_weight > 0:
+        if config.contrastive_loss_weight > 0 and contrastive_loss_fn is not None:
+            if (
+                self.momentum_encoder is not None
+                or second_view_pixel_values is not None
+                or (second_view_input_ids is not None)
+            ):
+                raise ValueError("contrastive_loss_fn cannot be combined with the momentum queue or second views.")
+            scale = self.logit_scale.clamp(max=math.log(config.max_logit_scale)).exp()
+            losses["contrastive"] = contrastive_loss_fn(image_embeds, text_embeds, scale)
+        elif config.contrastive_loss_weight > 0:
             losses["contrastive"] = self._contrastive(
                 image_embeds,
                 text_embeds,

@@ -14,9 +14,7 @@ from xmodal import XModalModel, XModalProcessor
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
-def retrieval_metrics(
-    logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT_KS
-) -> dict[str, float]:
+def retrieval_metrics(logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Recall@K of text->image and image->text retrieval, and the mean rank of the true match, for N paired items
     (text i belongs to image i).
 
@@ -28,7 +26,9 @@ def retrieval_metrics(
         [0, 1] and ranks starting at 1.
     """
     if logits_per_text.ndim != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
-        raise ValueError(f"retrieval_metrics needs a square (N, N) similarity matrix, got {tuple(logits_per_text.shape)}.")
+        raise ValueError(
+            f"retrieval_metrics needs a square (N, N) similarity matrix, got {tuple(logits_per_text.shape)}."
+        )
     if not torch.isfinite(logits_per_text).all():
         raise ValueError("retrieval_metrics got non-finite similarities (a diverged model or NaN embeddings).")
     metrics: dict[str, float] = {}
@@ -68,7 +68,9 @@ def embed_dataset(
             max_length=max_length,
             return_tensors="pt",
         ).to(device)
-        image_embeds.append(F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1))
+        image_embeds.append(
+            F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1)
+        )
         text_inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
         text_embeds.append(F.normalize(model.get_text_features(**text_inputs).pooler_output, dim=-1))
     return torch.cat(image_embeds).float().cpu(), torch.cat(text_embeds).float().cpu()

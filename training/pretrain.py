@@ -29,6 +29,7 @@ from xmodal.training.augmentations import ImageAugmentation, TextAugmentation
 from xmodal.training.cards import write_model_card
 from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset
 from xmodal.training.evaluation import evaluate_retrieval
+from xmodal.training.losses import ContrastiveLoss
 
 OBJECTIVES = ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
 
@@ -293,6 +294,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # without an accelerator device, Accelerate only forms a multi-process (gloo) group when told to use the CPU
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
     set_seed(args.seed)
     preset = XModalConfig.from_preset(args.preset)
@@ -322,6 +325,14 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     # stepped once per optimizer step by us (a prepared scheduler would step once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # several processes: the InfoNCE negatives come from the global batch (gathered with gradients)
+    global_contrastive = (
+        accelerator.num_processes > 1
+        and config.contrastive_loss_type == "nt_xent"
+        and not args.queue_size
+        and not args.multiview
+    )
+    extra_inputs = {"contrastive_loss_fn": ContrastiveLoss(args.label_smoothing)} if global_contrastive else {}
     logit_scale = accelerator.unwrap_model(model).logit_scale
     max_log_scale = math.log(config.max_logit_scale)
 
@@ -333,7 +344,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     step = 0
     while step < args.max_steps:
         for batch in loader:
-            outputs = model(**batch, return_loss=True)
+            outputs = model(**batch, return_loss=True, **extra_inputs)
             loss = outputs.loss
             accelerator.backward(loss)
             if args.max_grad_norm > 0:

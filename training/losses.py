@@ -1,0 +1,79 @@
+"""Training losses that see the global batch: embeddings are gathered from every process, so N processes with a
+per-process batch of B learn exactly like one process with a batch of N x B (open_clip's scheme).
+
+The model never calls `torch.distributed`; these modules do, and fall back to the local batch when no process group
+is initialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
+import torch.nn.functional as F
+from torch import nn
+
+
+def _world() -> tuple[int, int]:
+    """`(rank, world_size)` of the default process group, `(0, 1)` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """`(B, D)` on each of N processes -> `(N * B, D)` in rank order, differentiable: the backward pass sends each
+    process the gradient of every process's loss with respect to its own rows (an all-gather whose backward is a
+    reduce-scatter). Every process must pass the same batch size."""
+    _, world_size = _world()
+    if world_size == 1:
+        return tensor
+    return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+
+
+class ContrastiveLoss(nn.Module):
+    r"""Symmetric InfoNCE / NT-Xent over the global batch (CLIP; open_clip's `ClipLoss`).
+
+    With `local_loss=False`, every process computes the loss of the whole `(N B, N B)` similarity matrix; with
+    `local_loss=True`, only its own B rows against all N B columns (less compute and memory: `(B, N B)`). Either way,
+    once DDP averages the gradients across processes they equal those of one process holding the whole batch.
+
+    Args:
+        label_smoothing (`float`): label smoothing of both cross-entropies.
+        local_loss (`bool`): compute only the local rows of the similarity matrix.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, local_loss: bool = False) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.local_loss = local_loss
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
+    ) -> torch.Tensor:
+        """`image_embeds`, `text_embeds` `(B, D)` L2-normalised pairs (row i with row i) of this process;
+        `logit_scale` the inverse temperature (already exponentiated and clamped). Returns the loss `()`."""
+        if image_embeds.shape != text_embeds.shape:
+            raise ValueError(
+                f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be pairs "
+                "of the same shape."
+            )
+        rank, _ = _world()
+        all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+        batch_size = image_embeds.shape[0]
+        if self.local_loss:
+            logits_per_image = logit_scale * image_embeds @ all_texts.t()  # (B, N B)
+            logits_per_text = logit_scale * text_embeds @ all_images.t()
+            labels = torch.arange(batch_size, device=image_embeds.device) + rank * batch_size
+        else:
+            logits_per_image = logit_scale * all_images @ all_texts.t()  # (N B, N B)
+            logits_per_text = logits_per_image.t()
+            labels = torch.arange(all_images.shape[0], device=image_embeds.device)
+        smoothing = self.label_smoothing
+        return (
+            F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing)
+            + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)
+        ) / 2.0
+
+
+__all__ = ["ContrastiveLoss", "gather_with_grad"]
