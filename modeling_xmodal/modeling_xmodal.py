@@ -1296,11 +1296,14 @@ class XModalModel(XModalPreTrainedModel):
         """
         return self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
 
+    def clamped_logit_scale(self) -> torch.Tensor:
+        """The inverse temperature exp(logit_scale), clamped at `config.max_logit_scale` (CLIP)."""
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """Scaled cosine similarities `(num_texts, num_images)` of L2-normalised embeddings, with the learnable
         temperature clamped so that exp(logit_scale) <= max_logit_scale (CLIP)."""
-        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
-        logits = scale * text_embeds @ image_embeds.t()
+        logits = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def contrastive_objective(self, logits_per_text: torch.Tensor) -> torch.Tensor:
@@ -1989,7 +1992,7 @@ class XModalForPreTraining(XModalModel):
         image_m, text_m = momentum.embed(
             pixel_values, input_ids, attention_mask, self.config, interpolate_pos_encoding
         )
-        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        scale = self.clamped_logit_scale()
         image_to_text = scale * image_embeds @ torch.cat([text_m, momentum.text_queue.clone()]).t()
         text_to_image = scale * text_embeds @ torch.cat([image_m, momentum.image_queue.clone()]).t()
         labels = torch.arange(image_embeds.shape[0], device=image_embeds.device)
@@ -2038,7 +2041,7 @@ class XModalForPreTraining(XModalModel):
             for j, text in enumerate(text_views)
             if (i, j) != (0, 0)
         ]
-        scale = self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+        scale = self.clamped_logit_scale()
         within = [nt_xent_loss(views[0], views[1], scale) for views in (image_views, text_views) if len(views) == 2]
         return torch.stack(cross).mean() + self.config.multiview_loss_weight * torch.stack(within).mean()
 
@@ -2117,8 +2120,7 @@ class XModalForPreTraining(XModalModel):
                 or (second_view_input_ids is not None)
             ):
                 raise ValueError("contrastive_loss_fn cannot be combined with the momentum queue or second views.")
-            scale = self.logit_scale.clamp(max=math.log(config.max_logit_scale)).exp()
-            losses["contrastive"] = contrastive_loss_fn(image_embeds, text_embeds, scale)
+            losses["contrastive"] = contrastive_loss_fn(image_embeds, text_embeds, self.clamped_logit_scale())
         elif config.contrastive_loss_weight > 0:
             losses["contrastive"] = self._contrastive(
                 image_embeds,
