@@ -238,6 +238,11 @@ class XModalDecoderConfig(PreTrainedConfig):
                 )
 
 
+def _fields(value: dict | None) -> dict:
+    """The fields of a sub-config given as a dict (or None), without its `model_type`."""
+    return {key: item for key, item in (value or {}).items() if key != "model_type"}
+
+
 def _tower_config(
     value: PreTrainedConfig | dict | None, default_class: type[PreTrainedConfig], field: str
 ) -> PreTrainedConfig:
@@ -278,7 +283,7 @@ class XModalConfig(PreTrainedConfig):
         max_logit_scale (`float`): upper clamp of exp(logit_scale) (100 in CLIP).
         vision_pooling, text_pooling (`str`): `"cls"` (first token) or `"mean"` (masked mean of tokens).
         decoder_config (`dict` or `XModalDecoderConfig`, *optional*): the captioning decoder; by default as wide
-            and deep as the fusion module, over the text tower's vocabulary.
+            and deep as the fusion module, over the text tower's vocabulary (a dict overrides only what it names).
         *_loss_weight (`float`): weights of the pretraining objectives in [`XModalForPreTraining`]: contrastive,
             image-text matching, masked language modelling, masked image modelling, captioning and VQA
             (0 disables an objective and skips its compute).
@@ -303,7 +308,8 @@ class XModalConfig(PreTrainedConfig):
         mim_mask_ratio (`float`): share of image patches masked for MIM (0.75, MAE); the built-in image tower
             encodes only the visible ones.
         mim_decoder_config (`dict` or `XModalCrossConfig`, *optional*): the MIM decoder's transformer blocks (its
-            `direction` is unused); by default one block at half the fusion module's width (MAE's light decoder).
+            `direction` is unused); by default one block at half the fusion module's width (MAE's light decoder); a
+            dict overrides only what it names.
         mim_source (`str`): reconstruct from the image tower's tokens (`"image"`) or from the fused image stream
             (`"fused"`, needs `cross_config.direction` `image_to_text` or `both`).
         mim_norm_pix_loss (`bool`): regress per-patch normalised pixels (MAE).
@@ -368,18 +374,11 @@ class XModalConfig(PreTrainedConfig):
         self.text_config = _tower_config(self.text_config, XModalTextConfig, "text_config")
         if isinstance(self.cross_config, dict):
             self.cross_config = XModalCrossConfig(**{k: v for k, v in self.cross_config.items() if k != "model_type"})
-        if self.decoder_config is None:
-            self.decoder_config = self._default_decoder_config()
-        elif isinstance(self.decoder_config, dict):
-            self.decoder_config = XModalDecoderConfig(
-                **{k: v for k, v in self.decoder_config.items() if k != "model_type"}
-            )
-        if self.mim_decoder_config is None:
-            self.mim_decoder_config = self._default_mim_decoder_config()
-        elif isinstance(self.mim_decoder_config, dict):
-            self.mim_decoder_config = XModalCrossConfig(
-                **{k: v for k, v in self.mim_decoder_config.items() if k != "model_type"}
-            )
+        # the decoders' defaults follow the towers and the fusion module; a dict overrides only the fields it names
+        if not isinstance(self.decoder_config, PreTrainedConfig):
+            self.decoder_config = self._default_decoder_config(**_fields(self.decoder_config))
+        if not isinstance(self.mim_decoder_config, PreTrainedConfig):
+            self.mim_decoder_config = self._default_mim_decoder_config(**_fields(self.mim_decoder_config))
         if self.special_token_ids is None:
             self.special_token_ids = sorted(
                 {token for token in (getattr(self.text_config, "pad_token_id", None), 2, 3, self.mask_token_id)}
@@ -428,33 +427,36 @@ class XModalConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"XModalConfig.{field} must be a non-negative number, got {value!r}.")
 
-    def _default_mim_decoder_config(self) -> XModalCrossConfig:
-        """One transformer block at half the fusion module's width (MAE's decoder is lighter than its encoder)."""
+    def _default_mim_decoder_config(self, **fields: Any) -> XModalCrossConfig:
+        """One transformer block at half the fusion module's width (MAE's decoder is lighter than its encoder),
+        with `fields` overriding."""
         cross = self.cross_config if isinstance(self.cross_config, PreTrainedConfig) else XModalCrossConfig()
         heads = max(1, cross.num_attention_heads // 2)
-        hidden = max(heads, (cross.hidden_size // 2) // heads * heads)
-        return XModalCrossConfig(
-            hidden_size=hidden,
-            intermediate_size=max(1, cross.intermediate_size // 2),
-            num_hidden_layers=1,
-            num_attention_heads=heads,
-            hidden_act=cross.hidden_act,
-            layer_norm_eps=cross.layer_norm_eps,
-        )
+        defaults = {
+            "hidden_size": max(heads, (cross.hidden_size // 2) // heads * heads),
+            "intermediate_size": max(1, cross.intermediate_size // 2),
+            "num_hidden_layers": 1,
+            "num_attention_heads": heads,
+            "hidden_act": cross.hidden_act,
+            "layer_norm_eps": cross.layer_norm_eps,
+        }
+        return XModalCrossConfig(**{**defaults, **fields})
 
-    def _default_decoder_config(self) -> XModalDecoderConfig:
-        """A captioning decoder as wide and deep as the fusion module, over the text tower's vocabulary."""
-        text, cross = self.text_config, self.cross_config if isinstance(self.cross_config, PreTrainedConfig) else None
-        cross = cross or XModalCrossConfig()
-        return XModalDecoderConfig(
-            vocab_size=text.vocab_size,
-            max_position_embeddings=getattr(text, "max_position_embeddings", 512),
-            pad_token_id=getattr(text, "pad_token_id", 0),
-            hidden_size=cross.hidden_size,
-            intermediate_size=cross.intermediate_size,
-            num_hidden_layers=max(cross.num_hidden_layers, 1),
-            num_attention_heads=cross.num_attention_heads,
-        )
+    def _default_decoder_config(self, **fields: Any) -> XModalDecoderConfig:
+        """A captioning decoder as wide and deep as the fusion module, over the text tower's vocabulary, with
+        `fields` overriding."""
+        text = self.text_config
+        cross = self.cross_config if isinstance(self.cross_config, PreTrainedConfig) else XModalCrossConfig()
+        defaults = {
+            "vocab_size": text.vocab_size,
+            "max_position_embeddings": getattr(text, "max_position_embeddings", 512),
+            "pad_token_id": getattr(text, "pad_token_id", 0),
+            "hidden_size": cross.hidden_size,
+            "intermediate_size": cross.intermediate_size,
+            "num_hidden_layers": max(cross.num_hidden_layers, 1),
+            "num_attention_heads": cross.num_attention_heads,
+        }
+        return XModalDecoderConfig(**{**defaults, **fields})
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads

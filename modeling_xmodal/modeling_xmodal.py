@@ -91,7 +91,8 @@ class XModalFusionOutput(ModelOutput):
         text_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, text_length, cross_hidden_size)`):
             text tokens after fusion (the projected tower output when text provides no queries).
         image_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, cross_hidden_size)`):
-            image tokens after fusion (the projected tower output when the image provides no queries).
+            image tokens after fusion (the projected tower output when the image provides no queries; None then if
+            the pairs were given by `image_index`, rather than copying each image once per pair).
     """
 
     pooler_output: torch.FloatTensor | None = None
@@ -765,15 +766,17 @@ class XModalFusionModel(nn.Module):
             text = self.text_layer_norm(text)
         if self.image_layer_norm is not None:
             image = self.image_layer_norm(image)
-        if image_index is not None:
-            image = image[image_index]
         if self.config.direction == "text_to_image":
             pooled = text[:, 0]
         elif self.config.direction == "image_to_text":
             pooled = image[:, 0]
         else:
             pooled = text[:, 0] * image[:, 0]
-        return XModalFusionOutput(pooler_output=pooled, text_last_hidden_state=text, image_last_hidden_state=image)
+        # with image_index (text_to_image only) the image tokens were not fused: they are the caller's, projected
+        image_tokens = None if image_index is not None else image
+        return XModalFusionOutput(
+            pooler_output=pooled, text_last_hidden_state=text, image_last_hidden_state=image_tokens
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

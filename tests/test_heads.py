@@ -788,3 +788,30 @@ def test_retrieval_rerank(tester, num_images, top_k):
         ).itm_scores_per_text
         is None
     )
+
+
+@pytest.mark.parametrize("direction", ["text_to_image", "both"])
+def test_fuse_with_image_index_equals_fusing_the_gathered_images(direction):
+    """Pairs given by image_index fuse like the materialised pairs; with text_to_image each image's keys/values are
+    computed once and the (unfused) image tokens are not copied per pair."""
+    from conftest import XModalModelTester
+
+    tester = XModalModelTester(direction=direction)
+    model = XModalModel(tester.get_config()).eval()
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        image = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+        text = model.text_model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+        ).last_hidden_state
+        index = torch.tensor([2, 0, 0])
+        indexed = model.fuse(image, text, inputs["attention_mask"], image_index=index)
+        gathered = model.fuse(image[index], text, inputs["attention_mask"])
+    torch.testing.assert_close(indexed.pooler_output, gathered.pooler_output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(indexed.text_last_hidden_state, gathered.text_last_hidden_state, rtol=1e-5, atol=1e-6)
+    if direction == "text_to_image":
+        assert indexed.image_last_hidden_state is None
+    else:
+        torch.testing.assert_close(indexed.image_last_hidden_state, gathered.image_last_hidden_state)
+    with pytest.raises(ValueError, match="image_index must be 3 indices"):
+        model.fuse(image, text, inputs["attention_mask"], image_index=torch.tensor([0, 5, 1]))

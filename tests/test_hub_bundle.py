@@ -155,13 +155,13 @@ _REMOTE_SCRIPT = _BLOCK_XMODAL + textwrap.dedent(
 )
 
 
-def test_remote_code_round_trip_without_xmodal(saved_folder, tmp_path):
-    script = tmp_path / "remote.py"
-    script.write_text(_REMOTE_SCRIPT)
-    out_path = tmp_path / "remote_outputs.safetensors"
+def _run_without_xmodal(script_text: str, folder: Path, out_path: Path, tmp_path: Path) -> str:
+    """Runs `script_text folder out_path` in a fresh offline Python where xmodal cannot be imported; returns stdout."""
+    script = tmp_path / "remote_script.py"
+    script.write_text(script_text)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, str(script), str(saved_folder), str(out_path)],
+        [sys.executable, str(script), str(folder), str(out_path)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -169,7 +169,13 @@ def test_remote_code_round_trip_without_xmodal(saved_folder, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "REMOTE-OK xmodal XModalForImageClassification" in result.stdout
+    return result.stdout
+
+
+def test_remote_code_round_trip_without_xmodal(saved_folder, tmp_path):
+    out_path = tmp_path / "remote_outputs.safetensors"
+    stdout = _run_without_xmodal(_REMOTE_SCRIPT, saved_folder, out_path, tmp_path)
+    assert "REMOTE-OK xmodal XModalForImageClassification" in stdout
     remote = load_file(out_path)
     expected = load_file(saved_folder / "expected.safetensors")
     assert torch.equal(remote["logits_per_image"], expected["logits_per_image"])
@@ -303,20 +309,8 @@ def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
             .eval()
             .generate(pixel_values=inputs["pixel_values"], max_new_tokens=5, num_beams=2)
         )
-    script = tmp_path / "remote_heads.py"
-    script.write_text(_HEADS_REMOTE_SCRIPT)
     out_path = tmp_path / "remote_heads.safetensors"
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(out_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "HEADS-REMOTE-OK" in result.stdout
+    assert "HEADS-REMOTE-OK" in _run_without_xmodal(_HEADS_REMOTE_SCRIPT, folder, out_path, tmp_path)
     remote = load_file(out_path)
     assert torch.equal(remote["loss"], expected_loss)
     assert torch.equal(remote["mlm_loss"], mlm_loss)

@@ -199,9 +199,9 @@ def build_config(
     values: dict[str, Any] = {
         **overrides,
         "text_config": {**overrides.get("text_config", {}), **text_overrides},
+        # the decoder's vocabulary and sizes follow the text tower and the fusion module (XModalConfig's default)
         "decoder_config": {
             **overrides.get("decoder_config", {}),
-            **text_overrides,
             "bos_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,
         },
@@ -212,15 +212,6 @@ def build_config(
         "mask_token_id": tokenizer.mask_token_id,
         "special_token_ids": sorted(set(special_ids)),
     }
-    if "decoder_config" not in overrides:
-        # the default decoder: as wide and deep as the fusion module, over the tokenizer's vocabulary
-        cross = preset.cross_config
-        values["decoder_config"].update(
-            hidden_size=cross.hidden_size,
-            intermediate_size=cross.intermediate_size,
-            num_hidden_layers=max(cross.num_hidden_layers, 1),
-            num_attention_heads=cross.num_attention_heads,
-        )
     if "vqa" in objectives:
         values["id2label"] = dict(enumerate(ANSWER_VOCAB))
     return XModalConfig.from_preset(args.preset, **values)
