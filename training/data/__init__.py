@@ -1,5 +1,19 @@
 """Datasets for xmodal pretraining; the embedded default is the procedural scene dataset of :mod:`.synthetic`."""
 
+from .sources import (
+    BAD_ROW_MARKER,
+    BAD_ROWS_KEY,
+    IMAGE_COLUMN,
+    TABLE_SUFFIXES,
+    TEXT_COLUMN,
+    BadRowCounter,
+    BadRows,
+    ImageTextDecoder,
+    SkipBadRows,
+    load_image_text_dataset,
+    split_bad_rows,
+    with_lazy_decoding,
+)
 from .synthetic import (
     ANSWER_VOCAB,
     COLORS,
@@ -40,4 +54,16 @@ __all__ = [
     "make_synthetic_dataset",
     "render_scene",
     "sample_scene",
+    "BAD_ROW_MARKER",
+    "BAD_ROWS_KEY",
+    "IMAGE_COLUMN",
+    "TABLE_SUFFIXES",
+    "TEXT_COLUMN",
+    "BadRowCounter",
+    "BadRows",
+    "ImageTextDecoder",
+    "SkipBadRows",
+    "load_image_text_dataset",
+    "split_bad_rows",
+    "with_lazy_decoding",
 ]
