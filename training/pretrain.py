@@ -8,26 +8,47 @@ model card, metrics).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from datasets import Dataset
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from xmodal import XModalConfig, XModalForPreTraining, XModalImageProcessor, XModalModel, XModalProcessor
-from xmodal.processing import train_tokenizer
+from xmodal.processing import load_tokenizer, train_tokenizer
 from xmodal.training.augmentations import ImageAugmentation, TextAugmentation
 from xmodal.training.cards import write_model_card
-from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset
+from xmodal.training.checkpointing import (
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_incomplete_checkpoints,
+    save_checkpoint,
+)
+from xmodal.training.data import (
+    ANSWER_VOCAB,
+    BAD_ROW_MARKER,
+    BAD_ROWS_KEY,
+    BadRowCounter,
+    ImageTextDecoder,
+    SkipBadRows,
+    caption_corpus,
+    load_image_text_dataset,
+    with_lazy_decoding,
+)
+from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows
 from xmodal.training.evaluation import evaluate_retrieval
 from xmodal.training.losses import ContrastiveLoss
 
@@ -52,9 +73,38 @@ class PretrainArguments:
 
     output_dir: str = field(default="outputs/xmodal-tiny", metadata={"help": "Folder for the Hub-ready model."})
     preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small or base."})
-    num_train_examples: int = field(default=8000, metadata={"help": "Procedural training scenes."})
-    num_eval_examples: int = field(default=1000, metadata={"help": "Procedural validation and test scenes each."})
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Training data: 'synthetic' (the embedded procedural scenes), a local imagefolder with "
+            "metadata.jsonl, a CSV/JSON-lines file of image paths and captions, or a datasets name."
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "Column of the images (or image paths)."})
+    text_column: str = field(default="text", metadata={"help": "Column of the captions (a caption or a list)."})
+    train_split: str = field(default="train", metadata={"help": "Split (or --split_column value) to train on."})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "Split to evaluate on; without it, --num_eval_examples rows are held out of training."},
+    )
+    split_column: str | None = field(
+        default=None,
+        metadata={"help": "Column naming each row's split (e.g. emoji_split), for data with one split only."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the training data (IterableDataset)."})
+    shuffle_buffer_size: int = field(default=10000, metadata={"help": "Shuffling buffer of streamed data."})
+    max_bad_row_fraction: float = field(
+        default=0.01, metadata={"help": "Share of undecodable rows (skipped and counted) that stops the run."}
+    )
+    num_train_examples: int = field(default=8000, metadata={"help": "Procedural training scenes (synthetic)."})
+    num_eval_examples: int = field(
+        default=1000, metadata={"help": "Evaluation rows (procedural: validation and test scenes each)."}
+    )
     vocab_size: int = field(default=2048, metadata={"help": "WordPiece vocabulary trained on the captions."})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Folder of a saved tokenizer to use instead of training one on the training captions."},
+    )
     max_length: int = field(default=32, metadata={"help": "Longest caption in tokens (special tokens included)."})
     max_steps: int = field(default=240, metadata={"help": "Optimizer steps to train."})
     batch_size: int = field(default=64, metadata={"help": "Image-text pairs per step and process (the negatives)."})
@@ -65,7 +115,10 @@ class PretrainArguments:
     warmup_steps: int = field(default=25, metadata={"help": "Linear warmup steps before the cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
-    mixed_precision: str = field(default="no", metadata={"help": "Accelerate mixed precision: no, fp16 or bf16."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"help": "no, fp16, bf16 or auto (bf16 on GPUs that support it, else fp16 on GPUs, none on CPU)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the data, the initialisation and the data order."})
     eval_batch_size: int = field(default=250, metadata={"help": "Batch size for embedding the evaluation split."})
     objectives: str = field(
@@ -83,6 +136,38 @@ class PretrainArguments:
         metadata={
             "help": 'JSON of XModalConfig fields over the preset, e.g. \'{"text_config": {"num_hidden_layers": 2}}\'.'
         },
+    )
+
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per optimizer step (each of --batch_size pairs)."}
+    )
+    lock_image_tower: bool = field(
+        default=False, metadata={"help": "Freeze the image tower and its projection (LiT: locked-image tuning)."}
+    )
+    lock_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower and its projection."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
+    save_steps: int = field(
+        default=0, metadata={"help": "Write a checkpoint every this many optimizer steps (0: only at the end)."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the newest ones; 0 keeps all)."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the newest complete checkpoint in output_dir/checkpoints (if any)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir already holds checkpoints of a run."}
+    )
+    max_nonfinite_steps: int = field(
+        default=5, metadata={"help": "Consecutive steps with a non-finite loss (each skipped) that stop the run."}
+    )
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every this many steps too (0: only at the end)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log to the trackers every this many steps."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Accelerate trackers, comma-separated (e.g. tensorboard, wandb), 'all' or 'none'."},
     )
 
     def __post_init__(self) -> None:
@@ -105,13 +190,21 @@ class PretrainArguments:
             raise ValueError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"--warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}.")
-        if self.batch_size > self.num_train_examples:
+        if not 0 <= self.max_bad_row_fraction <= 1:
+            raise ValueError(f"--max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}.")
+        if self.dataset == "synthetic" and self.batch_size > self.num_train_examples:
             raise ValueError(
                 f"--batch_size ({self.batch_size}) exceeds --num_train_examples ({self.num_train_examples}): "
                 "an epoch would hold no full batch."
             )
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
+        for name in ("gradient_accumulation_steps", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be non-negative, got {getattr(self, name)}.")
 
 
 class ImageTextCollator:
@@ -258,51 +351,258 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     ]
 
 
-def _train_loader(dataset: Dataset, collator: ImageTextCollator, args: PretrainArguments) -> DataLoader:
-    generator = torch.Generator().manual_seed(args.seed)
+def _train_loader(
+    dataset: Dataset | IterableDataset,
+    collate_fn: Callable[..., dict[str, Any]],
+    args: PretrainArguments,
+    num_processes: int,
+) -> DataLoader:
+    """Shuffled batches of `batch_size * num_processes` pairs; Accelerate splits each across the processes, so N
+    processes see, step for step, the same pairs as one process with the combined batch. Map-style data draws its
+    random choices (caption, question, augmentation) from per-row seeds, so resume is exact."""
+    common = {
+        "batch_size": args.batch_size * num_processes,
+        "drop_last": True,
+        "num_workers": args.num_workers,
+        "persistent_workers": args.num_workers > 0,
+        # creating an iterator (as a resumed run does) must not draw from the global RNG that the model's masking
+        # and negative sampling use
+        "generator": torch.Generator().manual_seed(args.seed),
+    }
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, collate_fn=collate_fn, **common)
     return DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=collator,
-        num_workers=args.num_workers,
-        generator=generator,
-        persistent_workers=args.num_workers > 0,
+        SeededRows(dataset, args.seed),
+        sampler=EpochSampler(len(dataset), args.seed),
+        collate_fn=SeededCollate(collate_fn),
+        **common,
     )
+
+
+def _mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _trackers(value: str) -> list[str] | str | None:
+    if value == "none":
+        return None
+    if value == "all":
+        return "all"
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def build_accelerator(args: PretrainArguments) -> Accelerator:
+    """The run's Accelerator: batches split across processes with an epoch-seeded sampler (exact resume), DDP that
+    tolerates parameters an objective does not use, optional trackers and torch.compile."""
+    return Accelerator(
+        mixed_precision=_mixed_precision(args.mixed_precision),
+        # every process reads its own slice of each batch (rows may hold non-tensor bad-row reports)
+        dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # without an accelerator device, Accelerate only forms a multi-process (gloo) group when told to use the CPU
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        log_with=_trackers(args.report_to),
+        project_dir=args.output_dir,
+        dynamo_backend="inductor" if args.torch_compile else "no",
+    )
+
+
+def lock_towers(model: XModalModel, lock_image: bool, lock_text: bool) -> None:
+    """Freezes the image and/or text tower with its projection (LiT, Zhai et al. 2022)."""
+    parts = ([model.vision_model, model.visual_projection] if lock_image else []) + (
+        [model.text_model, model.text_projection] if lock_text else []
+    )
+    for part in parts:
+        part.requires_grad_(False)
+
+
+def _check_output_dir(args: PretrainArguments) -> None:
+    """Refuses to start a fresh run over the checkpoints of another (nothing is lost by a forgotten --resume)."""
+    existing = latest_checkpoint(args.output_dir)
+    if existing and not args.resume and not args.overwrite_output_dir:
+        raise ValueError(
+            f"{args.output_dir} already holds checkpoints of a run (newest: {existing}). Pass --resume to continue "
+            "it or --overwrite_output_dir to start afresh."
+        )
+    if args.overwrite_output_dir and not args.resume:
+        shutil.rmtree(checkpoint_root(args.output_dir), ignore_errors=True)
+
+
+@dataclass
+class PretrainingData:
+    """The run's data: `train` yields decoded rows (lazily, marking undecodable ones), `evaluation` holds decodable
+    rows only, `corpus` is the text the tokenizer is trained on."""
+
+    train: Dataset | IterableDataset
+    evaluation: Dataset
+    corpus: Iterable[str]
+
+
+def _flatten_captions(texts: Iterable[str | list[str]]) -> Iterator[str]:
+    for text in texts:
+        if isinstance(text, str):
+            yield text
+        elif text:
+            yield from text
+
+
+def _select_split(dataset: Any, name: str, args: PretrainArguments) -> Any:
+    if args.split_column is not None:
+        split = next(iter(dataset.values())) if isinstance(dataset, (DatasetDict, IterableDatasetDict)) else dataset
+        if args.split_column not in split.column_names:
+            raise ValueError(
+                f"--split_column {args.split_column!r} is not a column of {args.dataset}; columns: {split.column_names}."
+            )
+        return split.filter(lambda value: value == name, input_columns=args.split_column)
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        return dataset[name] if name in dataset else None
+    return dataset if name == args.train_split else None
+
+
+def _decodable(dataset: Dataset, limit: int) -> Dataset:
+    """The first `limit` rows of `dataset` whose image decodes, lazily decoded."""
+    decoder = ImageTextDecoder()
+    dataset = dataset.select(range(min(limit, len(dataset))))
+    good = [index for index in range(len(dataset)) if decoder.decode_row(dataset[index])[BAD_ROW_MARKER] is None]
+    if not good:
+        raise ValueError(f"No image of the evaluation split could be decoded ({len(dataset)} rows tried).")
+    return with_lazy_decoding(dataset.select(good), decoder)
+
+
+def load_pretraining_data(args: PretrainArguments, image_size: int) -> PretrainingData:
+    """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
+    (`--eval_split`, else `--num_eval_examples` rows held out of the training split)."""
+    synthetic = args.dataset == "synthetic"
+    builder = (
+        {
+            "num_train": args.num_train_examples,
+            "num_validation": args.num_eval_examples,
+            "num_test": args.num_eval_examples,
+            "seed": args.seed,
+            "image_size": image_size,
+        }
+        if synthetic
+        else None
+    )
+    common = {"image_column": args.image_column, "text_column": args.text_column, "builder_kwargs": builder}
+    raw = load_image_text_dataset(args.dataset, **common)
+    train, evaluation = _select_split(raw, args.train_split, args), _select_split(raw, args.eval_split, args)
+    if train is None:
+        raise ValueError(f"{args.dataset} has no split {args.train_split!r} (--train_split).")
+    if evaluation is None:
+        held_out = train.train_test_split(test_size=args.num_eval_examples, seed=args.seed)
+        train, evaluation = held_out["train"], held_out["test"]
+    if synthetic:
+        corpus: Iterable[str] = list(caption_corpus(train))
+    else:
+        corpus = list(_flatten_captions(train.select_columns(["text"])["text"]))
+    if args.streaming:
+        train = train.to_iterable_dataset(num_shards=min(64, len(train))).shuffle(
+            seed=args.seed, buffer_size=args.shuffle_buffer_size
+        )
+    return PretrainingData(
+        train=with_lazy_decoding(train), evaluation=_decodable(evaluation, args.num_eval_examples), corpus=corpus
+    )
+
+
+def _run_tokenizer(
+    args: PretrainArguments, accelerator: Accelerator, corpus: Iterable[str]
+) -> PreTrainedTokenizerBase:
+    """The run's tokenizer: `--tokenizer`, else the one a resumed run saved, else one trained on the captions.
+
+    A trained tokenizer is saved next to the checkpoints (WordPiece training breaks frequency ties differently from
+    one process to the next, so a resumed run must not retrain it).
+    """
+    saved = os.path.join(checkpoint_root(args.output_dir), "tokenizer")
+    if args.tokenizer or (args.resume and os.path.isdir(saved)):
+        return load_tokenizer(args.tokenizer or saved)
+    tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size, model_max_length=args.max_length)
+    if accelerator.num_processes > 1:
+        # every process must use the main process's vocabulary
+        tokenizer = _broadcast_tokenizer(tokenizer, saved, accelerator)
+    elif args.save_steps:
+        _save_tokenizer(tokenizer, saved)
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    temporary = f"{path}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    tokenizer.save_pretrained(temporary)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(temporary, path)
+
+
+def _broadcast_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, path: str, accelerator: Accelerator
+) -> PreTrainedTokenizerBase:
+    if accelerator.is_main_process:
+        _save_tokenizer(tokenizer, path)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(path)
+
+
+def _batches(
+    loader: DataLoader, accelerator: Accelerator, state: dict[str, Any], bad_rows: BadRowCounter
+) -> Iterator[dict[str, Any]]:
+    """Endless micro-batches; `state["epoch"]` and `state["batch"]` (micro-batches of that epoch already consumed)
+    track the position, so a resumed run skips exactly the batches it has seen. Undecodable rows were dropped by the
+    collator and are counted here; a batch left empty on any process, or (several processes) of unequal sizes, is
+    skipped on all of them, since the global-batch losses gather equal shapes."""
+    while True:
+        loader.set_epoch(state["epoch"])
+        source = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
+        produced = False
+        for batch in source:
+            state["batch"] += 1
+            report = batch.pop(BAD_ROWS_KEY)
+            bad_rows.update(report.num_rows, report.num_bad, report.descriptions)
+            size = torch.tensor([len(batch["input_ids"]) if batch else 0], device=accelerator.device)
+            sizes = accelerator.gather(size)
+            if sizes.min() == 0 or sizes.min() != sizes.max():
+                continue
+            produced = True
+            yield batch
+        if not produced and not state["batch"]:
+            raise ValueError("The training data produced no batch: fewer usable rows than --batch_size.")
+        state["epoch"] += 1
+        state["batch"] = 0
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True when `flag` holds on any process (all processes then take the same branch)."""
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def pretrain(args: PretrainArguments) -> dict[str, Any]:
     """Pretrains (contrastive, or multi-task with `args.objectives`), evaluates retrieval on the held-out test split
-    and saves a Hub-ready folder.
+    and saves a Hub-ready folder. With `save_steps`, checkpoints are written atomically and `resume` continues the
+    newest one exactly (same weights as an uninterrupted run).
 
     Returns:
         The metrics written to `output_dir/metrics.json`: retrieval Recall@1/5/10 both ways, the loss curves (total
-        and per objective) and timing.
+        and per objective), counters of skipped steps and timing.
     """
     objectives = parse_objectives(args.objectives)
-    # Without the fused objectives the fusion module is unused: DDP must tolerate unused parameters.
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        # without an accelerator device, Accelerate only forms a multi-process (gloo) group when told to use the CPU
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-    )
+    _check_output_dir(args)
+    accelerator = build_accelerator(args)
     set_seed(args.seed)
-    preset = XModalConfig.from_preset(args.preset)
-    data = make_synthetic_dataset(
-        num_train=args.num_train_examples,
-        num_validation=args.num_eval_examples,
-        num_test=args.num_eval_examples,
-        seed=args.seed,
-        image_size=preset.vision_config.image_size,
-    )
-    tokenizer = train_tokenizer(
-        caption_corpus(data["train"]), vocab_size=args.vocab_size, model_max_length=args.max_length
-    )
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    data = load_pretraining_data(args, XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size)
+    if "vqa" in objectives and not {"questions", "answers"} <= set(data.train.column_names or ()):
+        raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
+    tokenizer = _run_tokenizer(args, accelerator, data.corpus)
     config = build_config(args, tokenizer, objectives)
     processor = build_processor(tokenizer, config)
     model = XModalForPreTraining(config)
+    lock_towers(model, args.lock_image_tower, args.lock_text_tower)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
 
     collator = ImageTextCollator(
         processor,
@@ -311,11 +611,12 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         image_augmentation=_image_augmentation(processor, config) if args.multiview else None,
         text_augmentation=_text_augmentation(tokenizer) if args.multiview else None,
     )
-    loader = _train_loader(data["train"], collator, args)
+    loader = _train_loader(data.train, SkipBadRows(collator), args, accelerator.num_processes)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
     # stepped once per optimizer step by us (a prepared scheduler would step once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)
     # several processes: the InfoNCE negatives come from the global batch (gathered with gradients)
     global_contrastive = (
         accelerator.num_processes > 1
@@ -327,61 +628,141 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     logit_scale = accelerator.unwrap_model(model).logit_scale
     max_log_scale = math.log(config.max_logit_scale)
 
-    losses: list[float] = []
-    objective_losses: dict[str, list[float]] = {name: [] for name in objectives}
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "losses": [],
+        "objective_losses": {name: [] for name in objectives},
+        "nonfinite_steps": 0,
+        "train_seconds": 0.0,
+    }
+    bad_rows = BadRowCounter(args.max_bad_row_fraction)
+    remove_incomplete_checkpoints(args.output_dir)
+    resumed_from = latest_checkpoint(args.output_dir) if args.resume else None
+    if resumed_from:
+        state.update(load_checkpoint(accelerator, resumed_from))
+        bad_rows.update(state["rows_seen"], state["bad_rows"], state["bad_row_examples"])
+        accelerator.print(f"Resuming from {resumed_from} (step {state['step']}).")
+    accelerator.init_trackers("xmodal-pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
+
     model.train()
-    progress = tqdm(total=args.max_steps, desc="pretraining", disable=not accelerator.is_local_main_process)
-    start = time.perf_counter()
-    step = 0
-    while step < args.max_steps:
-        for batch in loader:
-            outputs = model(**batch, return_loss=True, **extra_inputs)
-            loss = outputs.loss
-            accelerator.backward(loss)
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                # clamp the parameter itself (open_clip) so it keeps receiving gradient at the bound
-                logit_scale.clamp_(0, max_log_scale)
-            step += 1
-            losses.append(loss.item())
-            for name in objectives:
-                objective_losses[name].append(outputs[f"{name}_loss"].item())
-            elapsed = time.perf_counter() - start
-            progress.set_postfix(
-                loss=f"{losses[-1]:.3f}",
-                lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                pairs_per_s=f"{step * args.batch_size * accelerator.num_processes / elapsed:.0f}",
-            )
-            progress.update(1)
-            if step >= args.max_steps:
+    progress = tqdm(
+        total=args.max_steps, initial=state["step"], desc="pretraining", disable=not accelerator.is_local_main_process
+    )
+    # time and pairs/s of this session; train_seconds adds the sessions before a resume
+    session_start, start_step, seconds_before = time.perf_counter(), state["step"], state["train_seconds"]
+    pairs_per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    consecutive_nonfinite = 0
+    batches = _batches(loader, accelerator, state, bad_rows)
+    accumulation = args.gradient_accumulation_steps
+    while state["step"] < args.max_steps:
+        micro_losses: list[torch.Tensor] = []
+        nonfinite = False
+        for micro in range(accumulation):
+            batch = next(batches)
+            sync = micro == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                outputs = model(**batch, return_loss=True, **extra_inputs)
+                nonfinite = _any_process(accelerator, not torch.isfinite(outputs.loss).item())
+                # a non-finite loss still runs backward (scaled by 0) so that DDP's collectives stay in step
+                accelerator.backward(outputs.loss * (0.0 if nonfinite else 1.0 / accumulation))
+            if nonfinite:
                 break
+            micro_losses.append(
+                torch.stack([outputs.loss.detach()] + [outputs[f"{n}_loss"].detach() for n in objectives])
+            )
+        if nonfinite:
+            optimizer.zero_grad(set_to_none=True)
+            state["nonfinite_steps"] += 1
+            consecutive_nonfinite += 1
+            accelerator.print(f"Step {state['step'] + 1}: non-finite loss, step skipped.")
+            if consecutive_nonfinite >= args.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"The loss was non-finite in {consecutive_nonfinite} consecutive steps (last at step "
+                    f"{state['step'] + 1}); stopping. Last good checkpoint: "
+                    f"{latest_checkpoint(args.output_dir) or 'none (set --save_steps)'}."
+                )
+            continue
+        consecutive_nonfinite = 0
+        if args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            # clamp the parameter itself (open_clip) so it keeps receiving gradient at the bound
+            logit_scale.clamp_(0, max_log_scale)
+        state["step"] += 1
+        step_losses = accelerator.reduce(torch.stack(micro_losses).mean(dim=0), reduction="mean").tolist()
+        state["losses"].append(step_losses[0])
+        for name, value in zip(objectives, step_losses[1:]):
+            state["objective_losses"][name].append(value)
+        pairs_per_s = (state["step"] - start_step) * pairs_per_step / (time.perf_counter() - session_start)
+        progress.set_postfix(
+            loss=f"{step_losses[0]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", pairs_per_s=f"{pairs_per_s:.0f}"
+        )
+        progress.update(1)
+        if args.logging_steps and state["step"] % args.logging_steps == 0:
+            accelerator.log(
+                {
+                    "loss": step_losses[0],
+                    "lr": scheduler.get_last_lr()[0],
+                    "pairs_per_s": pairs_per_s,
+                    **{f"{n}_loss": v for n, v in zip(objectives, step_losses[1:])},
+                },
+                step=state["step"],
+            )
+        if args.save_steps and state["step"] % args.save_steps == 0:
+            state["train_seconds"] = seconds_before + time.perf_counter() - session_start
+            save_checkpoint(
+                accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
+            )
     progress.close()
-    train_seconds = time.perf_counter() - start
+    if bad_rows.num_bad:
+        accelerator.print(bad_rows.summary())
+    state["train_seconds"] = seconds_before + time.perf_counter() - session_start
+    if args.save_steps and state["step"] % args.save_steps:
+        save_checkpoint(
+            accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
+        )
+    accelerator.end_training()
 
     model = accelerator.unwrap_model(model)
+    losses = state["losses"]
     metrics: dict[str, Any] = {
-        "train_steps": step,
-        "train_pairs": step * args.batch_size * accelerator.num_processes,
-        "train_seconds": round(train_seconds, 1),
+        "train_steps": state["step"],
+        "train_pairs": state["step"] * pairs_per_step,
+        "train_seconds": round(state["train_seconds"], 1),
         "first_loss": losses[0],
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "losses": losses,
         "objectives": list(objectives),
-        "objective_losses": objective_losses,
+        "objective_losses": state["objective_losses"],
+        "nonfinite_steps": state["nonfinite_steps"],
+        "rows_seen": bad_rows.num_rows,
+        "bad_rows": bad_rows.num_bad,
+        "bad_row_examples": list(bad_rows.examples),
+        "resumed_from": resumed_from,
     }
     if accelerator.is_main_process:
         test_metrics = evaluate_retrieval(
-            model, processor, data["test"], batch_size=args.eval_batch_size, max_length=args.max_length
+            model, processor, data.evaluation, batch_size=args.eval_batch_size, max_length=args.max_length
         )
         metrics.update({f"test_{key}": value for key, value in test_metrics.items()})
-        metrics["test_chance_R@1"] = 1.0 / len(data["test"])
+        metrics["test_chance_R@1"] = 1.0 / len(data.evaluation)
         save_pretrained_folder(model, processor, args, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _json_state(state: dict[str, Any], bad_rows: BadRowCounter) -> dict[str, Any]:
+    counts = {
+        "rows_seen": bad_rows.num_rows,
+        "bad_rows": bad_rows.num_bad,
+        "bad_row_examples": list(bad_rows.examples),
+    }
+    return {**{key: value for key, value in state.items() if key != "step"}, **counts}
 
 
 def save_pretrained_folder(
@@ -417,8 +798,10 @@ def format_retrieval_table(metrics: dict[str, Any]) -> str:
 __all__ = [
     "OBJECTIVES",
     "ImageTextCollator",
-    "build_config",
     "PretrainArguments",
+    "build_accelerator",
+    "build_config",
+    "lock_towers",
     "build_processor",
     "format_retrieval_table",
     "optimizer_param_groups",
