@@ -12,7 +12,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -1467,24 +1467,50 @@ class XModalImageTextRetrievalOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
 
 
-def _itm_pairs(
-    logits_per_text: torch.Tensor, input_ids: torch.Tensor, hard_negatives: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Samples one negative image per text and one negative text per image (ALBEF): from softmax(similarities) when
-    `hard_negatives`, else uniformly; never a pair whose captions are identical (the true pair, or a duplicate
-    caption). Not differentiated.
+class GlobalBatch(Protocol):
+    """What the training code passes as `global_batch` so that objectives draw negatives from every process's batch
+    (the model itself never calls `torch.distributed`; `xmodal.training.losses.GlobalBatch` implements this).
 
-    Returns `(negative_image_index, negative_text_index, has_negative)`, each `(B,)`; a row whose every caption is
-    identical to its own has no negative (`has_negative` False, a dummy index)."""
+    `gather(tensor)` concatenates `(B, ...)` tensors of every process in rank order (dimensions after the first padded
+    with zeros to the largest size), differentiably; `rank` is this process's position.
+    """
+
+    rank: int
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class _LocalBatch:
+    """The single-process `GlobalBatch`: nothing to gather."""
+
+    rank = 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+def _caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One int64 key per caption `(B,)`, equal for identical captions whatever their padding (a position-weighted sum
+    of the token ids, wrapping around; a collision only removes a candidate negative)."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.long)
+    weights = positions * 6364136223846793005 + 1442695040888963407  # Knuth's MMIX LCG constants
+    return ((input_ids.long() * attention_mask.long() + 1) * weights * attention_mask.long()).sum(dim=1)
+
+
+def _itm_pairs(
+    logits_text_to_image: torch.Tensor, logits_image_to_text: torch.Tensor, allowed: torch.Tensor, hard: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Samples one negative image per text and one negative text per image (ALBEF) among the `allowed` candidates
+    `(B, M)` (not the true pair, nor a caption identical to it): from softmax(similarities `(B, M)`) when `hard`, else
+    uniformly. Not differentiated.
+
+    Returns `(negative_image_index, negative_text_index, has_negative)`, each `(B,)`, indices into the M candidates;
+    a row with no allowed candidate has no negative (`has_negative` False, a dummy index)."""
     with torch.no_grad():
-        same_caption = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # (B, B), diagonal included
-        allowed = ~same_caption
         has_negative = allowed.any(dim=1)
         picks = []
-        for logits in (logits_per_text, logits_per_text.t()):
-            weights = (
-                F.softmax(logits.float(), dim=1) if hard_negatives else torch.ones_like(logits, dtype=torch.float)
-            )
+        for logits in (logits_text_to_image, logits_image_to_text):
+            weights = F.softmax(logits.float(), dim=1) if hard else torch.ones_like(logits, dtype=torch.float)
             weights = weights * allowed
             # the softmax may underflow on every allowed entry: uniform over them then
             weights = torch.where(weights.sum(dim=1, keepdim=True) > 0, weights, allowed.float())
@@ -1498,21 +1524,33 @@ def _itm_inputs(
     text_hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
     input_ids: torch.Tensor,
-    logits_per_text: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    global_batch: GlobalBatch,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The image-text matching pairs, with negatives sampled by `_itm_pairs`:
+    """The image-text matching pairs of this process's B texts and images, with negatives sampled by `_itm_pairs` from
+    the global batch of M = N x B pairs (M = B on one process):
 
     - `config.itm_sampling="all"` (ALBEF): B positives, B texts with a negative image, B images with a negative text;
     - `"half"` (the UNITER/ViLT budget): B pairs, each kept with probability 1/2, else given a negative image or a
       negative text (1/4 each); a pair with no possible negative stays positive.
 
-    Returns `(texts (N, L, D), attention_mask (N, L), image_index (N,), labels (N,))`, N = 3B or B; labels are 1 for a
-    match, 0 for a negative, -100 for a negative that could not be drawn."""
+    Returns `(texts (n, L, D), attention_mask (n, L), image_index (n,), labels (n,))`, n = 3B or B, with `image_index`
+    into the global batch's images; labels are 1 for a match, 0 for a negative, -100 for a negative that could not be
+    drawn."""
     batch_size = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    neg_image, neg_text, has_negative = _itm_pairs(logits_per_text, input_ids, model.config.itm_hard_negatives)
-    index = torch.arange(batch_size, device=input_ids.device)
+    index = global_batch.rank * batch_size + torch.arange(batch_size, device=input_ids.device)
+    with torch.no_grad():
+        all_keys = global_batch.gather(_caption_keys(input_ids, attention_mask))
+        allowed = all_keys[None, :] != _caption_keys(input_ids, attention_mask)[:, None]  # (B, M)
+        text_to_image = model.logits(global_batch.gather(image_embeds.detach()), text_embeds)
+        image_to_text = model.logits(image_embeds, global_batch.gather(text_embeds.detach())).t()
+    all_texts, all_masks = global_batch.gather(text_hidden_states), global_batch.gather(attention_mask)
+    neg_image, neg_text, has_negative = _itm_pairs(
+        text_to_image, image_to_text, allowed, model.config.itm_hard_negatives
+    )
     ones = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     if model.config.itm_sampling == "half":
         with torch.no_grad():
@@ -1522,9 +1560,9 @@ def _itm_inputs(
             image_index = torch.where(swap_image, neg_image, index)
             text_index = torch.where(swap_text, neg_text, index)
             labels = torch.where(swap_image | swap_text, torch.zeros_like(ones), ones)
-        return text_hidden_states[text_index], attention_mask[text_index], image_index, labels
-    texts = torch.cat([text_hidden_states, text_hidden_states, text_hidden_states[neg_text]])
-    masks = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
+        return all_texts[text_index], all_masks[text_index], image_index, labels
+    texts = all_texts[torch.cat([index, index, neg_text])]
+    masks = all_masks[torch.cat([index, index, neg_text])]
     negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
     return texts, masks, torch.cat([index, neg_image, index]), torch.cat([ones, negative, negative])
 
@@ -1535,12 +1573,13 @@ def _itm_loss(
     text_hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
     input_ids: torch.Tensor,
-    logits_per_text: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-text matching (ALBEF) from tower outputs `(B, L, D)`. Returns `(loss, itm_logits (N, 2))`, N = B or 3B
-    (`config.itm_sampling`)."""
+    """Image-text matching (ALBEF) from tower outputs `(B, L, D)` and embeddings `(B, projection_dim)`. Returns
+    `(loss, itm_logits (N, 2))`, N = B or 3B (`config.itm_sampling`)."""
     texts, masks, image_index, labels = _itm_inputs(
-        model, text_hidden_states, attention_mask, input_ids, logits_per_text
+        model, text_hidden_states, attention_mask, input_ids, image_embeds, text_embeds, _LocalBatch()
     )
     itm_logits = model.itm_head(model.fuse(image_hidden_states, texts, masks, image_index).pooler_output)
     return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
@@ -1630,7 +1669,13 @@ class XModalForImageTextRetrieval(XModalModel):
         if return_loss:
             _check_pairs(logits_per_text)
             itm, itm_logits = _itm_loss(
-                self, image.last_hidden_state, text.last_hidden_state, attention_mask, input_ids, logits_per_text
+                self,
+                image.last_hidden_state,
+                text.last_hidden_state,
+                attention_mask,
+                input_ids,
+                image_embeds,
+                text_embeds,
             )
             loss = self.contrastive_objective(logits_per_text) + itm
         if rerank_top_k:
@@ -1986,19 +2031,23 @@ class XModalForPreTraining(XModalModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
+        global_batch: GlobalBatch,
     ) -> torch.Tensor:
-        """InfoNCE where each positive (from the momentum encoders) competes with the batch's other momentum
-        embeddings and the K queued ones (ALBEF): per direction, logits `(B, B + K)` with the positive in column i."""
+        """InfoNCE where each positive (from the momentum encoders) competes with the global batch's other momentum
+        embeddings and the K queued ones (ALBEF): per direction, logits `(B, M + K)` (M = N x B pairs over N
+        processes) with the positive in this process's column of the batch; the global batch is enqueued."""
         momentum = self.momentum_encoder
         if self.training or not bool(momentum.initialized):
             momentum.update(self)
         image_m, text_m = momentum.embed(
             pixel_values, input_ids, attention_mask, self.config, interpolate_pos_encoding
         )
+        image_m, text_m = global_batch.gather(image_m), global_batch.gather(text_m)
         scale = self.clamped_logit_scale()
         image_to_text = scale * image_embeds @ torch.cat([text_m, momentum.text_queue.clone()]).t()
         text_to_image = scale * text_embeds @ torch.cat([image_m, momentum.image_queue.clone()]).t()
-        labels = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+        batch_size = image_embeds.shape[0]
+        labels = global_batch.rank * batch_size + torch.arange(batch_size, device=image_embeds.device)
         smoothing = self.config.label_smoothing
         loss = (
             F.cross_entropy(image_to_text, labels, label_smoothing=smoothing)
@@ -2020,12 +2069,19 @@ class XModalForPreTraining(XModalModel):
         second_view_input_ids: torch.Tensor | None,
         second_view_attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
+        global_batch: GlobalBatch,
     ) -> torch.Tensor:
         """The cross-modal loss averaged over every (image view, text view) combination, plus
         `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two."""
         if self.momentum_encoder is not None:
             first = self._queue_contrastive_loss(
-                image_embeds, text_embeds, pixel_values, input_ids, attention_mask, interpolate_pos_encoding
+                image_embeds,
+                text_embeds,
+                pixel_values,
+                input_ids,
+                attention_mask,
+                interpolate_pos_encoding,
+                global_batch,
             )
         else:
             first = self.contrastive_objective(logits_per_text)
@@ -2070,6 +2126,7 @@ class XModalForPreTraining(XModalModel):
         question_attention_mask: torch.Tensor | None = None,
         vqa_labels: torch.Tensor | None = None,
         contrastive_loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        global_batch: GlobalBatch | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> XModalForPreTrainingOutput:
         r"""One multi-task pretraining step on image-text pairs (image i with text i).
@@ -2096,11 +2153,15 @@ class XModalForPreTraining(XModalModel):
                 logit_scale)` (normalised `(B, D)` embeddings, the clamped exp(logit_scale)), e.g.
                 `xmodal.training.losses.ContrastiveLoss`, which gathers the global batch across processes; not
                 combinable with the momentum queue or second views.
+            global_batch (*optional*): gathers tensors from every process ([`GlobalBatch`], e.g.
+                `xmodal.training.losses.GlobalBatch`), so that ITM negatives and the momentum queue's in-batch
+                negatives come from the global batch and the queue receives it; the local batch by default.
 
         Returns:
             [`XModalForPreTrainingOutput`].
         """
         config = self.config
+        global_batch = global_batch if global_batch is not None else _LocalBatch()
         image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
         text = self._encode_text(input_ids, attention_mask, token_type_ids).last_hidden_state
         image_embeds = F.normalize(self.visual_projection(_pool(image, config.vision_pooling, is_image=True)), dim=-1)
@@ -2136,14 +2197,17 @@ class XModalForPreTraining(XModalModel):
                 second_view_input_ids,
                 second_view_attention_mask,
                 interpolate_pos_encoding,
+                global_batch,
             )
         # Fusion requests of the ITM, MLM and VQA objectives; those of equal text length share one fusion call, in
         # which each image's cross-attention keys/values are computed once.
+        # With ITM, the fused images are the global batch's (its negatives may come from any process).
         requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
-        batch_index = torch.arange(input_ids.shape[0], device=input_ids.device)
+        images, batch_index = image, torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.itm_head is not None:
+            images, batch_index = global_batch.gather(image), batch_index + global_batch.rank * input_ids.shape[0]
             itm_texts, itm_masks, itm_index, itm_labels = _itm_inputs(
-                self, text, attention_mask, input_ids, logits_per_text
+                self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch
             )
             requests["itm"] = (itm_texts, itm_masks, itm_index)
         if self.mlm_head is not None:
@@ -2174,7 +2238,7 @@ class XModalForPreTraining(XModalModel):
                 )
             question = self._encode_text(question_input_ids, question_attention_mask).last_hidden_state
             requests["vqa"] = (question, question_attention_mask, batch_index)
-        fused = self._fuse_requests(image, requests)
+        fused = self._fuse_requests(images, requests)
         if self.itm_head is not None:
             outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output)
             losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import XModalModelTester
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,7 +28,7 @@ from xmodal import (
     siglip_loss,
     vqa_loss,
 )
-from xmodal.modeling_xmodal import XModalMomentumEncoder, _itm_pairs
+from xmodal.modeling_xmodal import XModalMomentumEncoder, _caption_keys, _itm_pairs
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 ONLY_CONTRASTIVE = {
@@ -439,6 +440,21 @@ def test_vqa_loss_by_hand():
 # ------------------------------------------------------------------------------------------------------------------
 
 
+def _pairs(logits: torch.Tensor, input_ids: torch.Tensor, hard: bool):
+    """`_itm_pairs` on one process: candidates are the batch's pairs whose caption differs."""
+    keys = _caption_keys(input_ids, torch.ones_like(input_ids))
+    return _itm_pairs(logits, logits.t(), keys[None, :] != keys[:, None], hard)
+
+
+def test_caption_keys_ignore_padding_and_tell_captions_apart():
+    input_ids = torch.tensor([[2, 7, 8, 3, 0], [2, 7, 8, 3, 0], [2, 8, 7, 3, 0], [2, 7, 8, 9, 3]])
+    mask = (input_ids != 0).long()
+    keys = _caption_keys(input_ids, mask)
+    assert keys[0] == keys[1] and len({int(k) for k in keys[1:]}) == 3
+    # the same caption padded to another length has the same key
+    assert _caption_keys(input_ids[:1, :4], mask[:1, :4]) == keys[0]
+
+
 def test_itm_pairs_never_pick_same_caption():
     # captions: {0, 1} identical, {2, 3, 4} identical, 5 unique
     input_ids = torch.tensor([[7, 8, 9], [7, 8, 9], [1, 2, 0], [1, 2, 0], [1, 2, 0], [5, 5, 5]])
@@ -447,7 +463,7 @@ def test_itm_pairs_never_pick_same_caption():
     torch.manual_seed(0)
     for hard in (True, False):
         for _ in range(40):
-            neg_image, neg_text, has_negative = _itm_pairs(logits, input_ids, hard)
+            neg_image, neg_text, has_negative = _pairs(logits, input_ids, hard)
             assert has_negative.all()
             for i in range(6):
                 assert not same[i][int(neg_image[i])]
@@ -455,7 +471,7 @@ def test_itm_pairs_never_pick_same_caption():
             for tensor in (neg_image, neg_text, has_negative):
                 assert not tensor.requires_grad and tensor.grad_fn is None
     identical = torch.tensor([[3, 4]] * 4)
-    _, _, has_negative = _itm_pairs(torch.randn(4, 4), identical, True)
+    _, _, has_negative = _pairs(torch.randn(4, 4), identical, True)
     assert not has_negative.any()
 
 
@@ -468,13 +484,13 @@ def test_itm_hard_negatives_follow_similarity():
         logits[i, (i + 1) % n] = 20.0
     torch.manual_seed(0)
     for _ in range(20):
-        neg_image, neg_text, _ = _itm_pairs(logits, input_ids, True)
+        neg_image, neg_text, _ = _pairs(logits, input_ids, True)
         assert neg_image.tolist() == [(i + 1) % n for i in range(n)]
         assert neg_text.tolist() == [(j - 1) % n for j in range(n)]
     # uniform sampling ignores the similarities
     seen = set()
     for _ in range(60):
-        neg_image, _, _ = _itm_pairs(logits, input_ids, False)
+        neg_image, _, _ = _pairs(logits, input_ids, False)
         seen.add(int(neg_image[0]))
     assert seen == {1, 2, 3, 4}
 
@@ -679,16 +695,16 @@ def test_multiview_contrastive_loss(tester):
 def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
     """itm_sampling="half": B fused pairs; a pair is kept (label 1) or given a negative image or text (label 0), the
     negatives never being a pair with an identical caption."""
-    from xmodal.modeling_xmodal import _itm_inputs
+    from xmodal.modeling_xmodal import _itm_inputs, _LocalBatch
 
     config = tester.get_config(itm_sampling="half")
     model = XModalForPreTraining(config)
     batch, length = 64, 5
     input_ids = torch.arange(batch * length).reshape(batch, length) % 97 + 1
     text = torch.randn(batch, length, 8)
-    logits = torch.randn(batch, batch)
+    embeds = F.normalize(torch.randn(batch, config.projection_dim), dim=-1)
     torch.manual_seed(0)
-    texts, masks, image_index, labels = _itm_inputs(model, text, None, input_ids, logits)
+    texts, masks, image_index, labels = _itm_inputs(model, text, None, input_ids, embeds, embeds, _LocalBatch())
     assert texts.shape == (batch, length, 8) and masks.shape == (batch, length) and labels.shape == (batch,)
     positives = labels == 1
     assert 0.3 < float(positives.float().mean()) < 0.7
@@ -702,7 +718,9 @@ def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
         assert swapped_image != swapped_text, row
     # identical captions: no negative can be drawn, so every pair stays positive
     same = torch.ones(4, length, dtype=torch.long)
-    _, _, image_index, labels = _itm_inputs(model, torch.randn(4, length, 8), None, same, torch.randn(4, 4))
+    _, _, image_index, labels = _itm_inputs(
+        model, torch.randn(4, length, 8), None, same, embeds[:4], embeds[:4], _LocalBatch()
+    )
     assert labels.tolist() == [1, 1, 1, 1] and image_index.tolist() == [0, 1, 2, 3]
 
 

@@ -106,3 +106,66 @@ def test_pretraining_model_takes_the_global_batch_loss(tester):
     queued = XModalForPreTraining(tester.get_config(**contrastive_only, queue_size=4))
     with pytest.raises(ValueError, match="momentum queue"):
         queued(**inputs, return_loss=True, contrastive_loss_fn=ContrastiveLoss())
+
+
+def _global_batch_worker(rank: int, port: int, out_dir: str) -> None:
+    from xmodal.modeling_xmodal import _itm_inputs
+    from xmodal.training.losses import GlobalBatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.set_num_threads(1)
+        batch = GlobalBatch()
+        # padded lengths differ per process (3 and 5 tokens): gathered to 5, zero-padded, gradients back to each rank
+        hidden = torch.full((2, 3 + 2 * rank, 4), float(rank + 1), requires_grad=True)
+        gathered = batch.gather(hidden)
+        (gathered * torch.arange(1.0, 5.0).view(4, 1, 1)).sum().backward()
+        # ITM: each process's two captions are identical, so every negative must come from the other process
+        config = _itm_config()
+        model = _ItmModel(config)
+        input_ids = torch.tensor([[2, 10 + rank, 3]] * 2)
+        embeds = F.normalize(torch.randn(2, 8), dim=-1)
+        texts, masks, image_index, labels = _itm_inputs(
+            model, torch.randn(2, 3, 8), torch.ones_like(input_ids), input_ids, embeds, embeds, batch
+        )
+        torch.save(
+            {"gathered": gathered.detach(), "grad": hidden.grad, "image_index": image_index, "labels": labels},
+            os.path.join(out_dir, f"global{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _itm_config():
+    from xmodal import XModalConfig
+
+    return XModalConfig.from_preset("tiny", itm_sampling="all", projection_dim=8)
+
+
+class _ItmModel(torch.nn.Module):
+    """The parts of a model `_itm_inputs` reads: its config and the similarity logits."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+
+    def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return 10.0 * text_embeds @ image_embeds.t()
+
+
+def test_global_batch_gathers_padded_tensors_and_itm_draws_negatives_from_other_processes(tmp_path):
+    mp.spawn(_global_batch_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    for rank in range(WORLD_SIZE):
+        result = torch.load(tmp_path / f"global{rank}.pt")
+        gathered = result["gathered"]
+        assert gathered.shape == (4, 5, 4)
+        assert (gathered[:2, :3] == 1).all() and (gathered[:2, 3:] == 0).all() and (gathered[2:] == 2).all()
+        # d/d(own rows) of the sum over both processes' losses: rows weighted 1,2 (rank 0) or 3,4 (rank 1), twice
+        expected = 2 * torch.arange(2 * rank + 1.0, 2 * rank + 3.0).view(2, 1, 1).expand(2, 3 + 2 * rank, 4)
+        torch.testing.assert_close(result["grad"], expected)
+        own = range(2 * rank, 2 * rank + 2)
+        image_index, labels = result["image_index"], result["labels"]
+        # positives, then texts with a negative image, then images with a negative text (ALBEF's 3B pairs)
+        assert image_index[:2].tolist() == list(own) and labels.tolist() == [1, 1, 0, 0, 0, 0]
+        assert all(int(index) not in own for index in image_index[2:4])

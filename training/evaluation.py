@@ -1,22 +1,46 @@
-"""Evaluation of image-text models: embedding a dataset in batches and retrieval Recall@K in both directions."""
+"""Evaluation of image-text models with the package's local `evaluate` metric modules (`xmodal.training.metrics`):
+retrieval Recall@K both ways (and ranks), prompt-based zero-shot classification top-1/top-5, VQA accuracy and
+captioning BLEU-4 / CIDEr.
+
+Work is sharded over the processes of an `Accelerator` when one is given; predictions are collected with
+`gather_for_metrics` (which drops the samples repeated to even out the last batch), and every process returns the
+same metrics.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from xmodal import XModalModel, XModalProcessor
+from xmodal import (
+    XModalConfig,
+    XModalForConditionalGeneration,
+    XModalForVisualQuestionAnswering,
+    XModalModel,
+    XModalProcessor,
+)
+from xmodal.training.inference import ensemble_text_embeddings
+from xmodal.training.metrics import load_metric
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
 
 
+def _compute(name: str, **inputs: Any) -> dict[str, Any]:
+    return load_metric(name, keep_in_memory=True).compute(**inputs)
+
+
 def retrieval_metrics(logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Recall@K of text->image and image->text retrieval, and the mean rank of the true match, for N paired items
-    (text i belongs to image i).
+    """Recall@K of text->image and image->text retrieval, and the mean and median rank of the true match, for N
+    paired items (text i belongs to image i), with the `retrieval_recall` metric module (ties count against the
+    model: a collapsed model ranks last, not first).
 
     Args:
         logits_per_text (`torch.Tensor` of shape `(N, N)`): similarity of text i (row) with image j (column).
@@ -32,14 +56,205 @@ def retrieval_metrics(logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT
     if not torch.isfinite(logits_per_text).all():
         raise ValueError("retrieval_metrics got non-finite similarities (a diverged model or NaN embeddings).")
     metrics: dict[str, float] = {}
+    references = list(range(logits_per_text.shape[0]))
     for name, scores in (("text_to_image", logits_per_text), ("image_to_text", logits_per_text.t())):
-        true_scores = scores.diagonal().unsqueeze(1)
-        # rank = number of candidates scoring at least as high as the true match: ties count against the model,
-        # so a collapsed model (all scores equal) ranks last, not first
-        ranks = (scores >= true_scores).sum(dim=1)
-        for k in ks:
-            metrics[f"{name}_R@{k}"] = (ranks <= k).float().mean().item()
-        metrics[f"{name}_mean_rank"] = ranks.float().mean().item()
+        result = _compute("retrieval_recall", predictions=scores.float().tolist(), references=references, ks=ks)
+        metrics.update({f"{name}_{key}": float(value) for key, value in result.items()})
+    return metrics
+
+
+@dataclass
+class EvaluationTask:
+    """What to evaluate beyond retrieval, on a paired image-text dataset.
+
+    Args:
+        class_names: zero-shot classes; `label_column` holds indices into them or the names; None skips zero-shot.
+        templates: prompt templates with `{}` for the class name (averaged as a prompt ensemble).
+        answer_vocab: the VQA head's answers, for rows with `questions`/`answers` lists (the first question of each
+            row is asked); None skips VQA.
+        captioning: generate a caption per image and score it against the row's captions (`captions_column`, or
+            `text`) with BLEU-4 and CIDEr-D.
+    """
+
+    class_names: Sequence[str] | None = None
+    label_column: str = "label"
+    templates: Sequence[str] = ("a {}.",)
+    answer_vocab: Sequence[str] | None = None
+    captioning: bool = False
+    captions_column: str | None = "captions"
+    max_new_tokens: int = 24
+
+
+class _EvalCollator:
+    """Rows -> tensors of one evaluation batch; `index` `(B,)` identifies the rows after gathering."""
+
+    def __init__(
+        self,
+        processor: XModalProcessor,
+        max_length: int | None,
+        task: EvaluationTask,
+        image_column: str = "image",
+        text_column: str = "text",
+    ) -> None:
+        self.processor = processor
+        self.max_length = max_length
+        self.task = task
+        self.image_column = image_column
+        self.text_column = text_column
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return dict(
+            self.processor.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        )
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        texts = [text if isinstance(text, str) else text[0] for text in (row[self.text_column] for row in rows)]
+        batch = {
+            "index": torch.tensor([row["_index"] for row in rows]),
+            "pixel_values": self.processor(images=[row[self.image_column] for row in rows], return_tensors="pt")[
+                "pixel_values"
+            ],
+            **self._tokenize(texts),
+        }
+        if self.task.answer_vocab is not None:
+            question = self._tokenize([row["questions"][0] for row in rows])
+            batch["question_input_ids"] = question["input_ids"]
+            batch["question_attention_mask"] = question["attention_mask"]
+        return batch
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], "_index": index}
+
+
+def _task_model(model: XModalModel, head: type[XModalModel], config: XModalConfig) -> XModalModel:
+    """A task head sharing the weights of `model` (parts are named alike in every xmodal head)."""
+    task_model = head(config).to(model.device, model.dtype)
+    missing, _ = task_model.load_state_dict(model.state_dict(), strict=False)
+    if missing:
+        raise ValueError(f"{type(model).__name__} lacks the weights of {head.__name__}: {missing[:5]}...")
+    return task_model.eval()
+
+
+def _column(dataset: Dataset, name: str) -> list[Any]:
+    """A column without running the dataset's decoding transform."""
+    return list(dataset.with_format(None)[name])
+
+
+def _pad_to(tokens: torch.Tensor, length: int, pad_token_id: int) -> torch.Tensor:
+    return F.pad(tokens, (0, length - tokens.shape[1]), value=pad_token_id)
+
+
+@torch.no_grad()
+def _predict(
+    model: XModalModel,
+    loader: DataLoader,
+    task: EvaluationTask,
+    accelerator: Accelerator | None,
+    show_progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Per-row outputs, gathered over processes: embeddings, VQA answer indices, caption token ids."""
+    config = model.config
+    vqa = _task_model(model, XModalForVisualQuestionAnswering, config) if task.answer_vocab is not None else None
+    captioner = _task_model(model, XModalForConditionalGeneration, config) if task.captioning else None
+    pad_token_id = config.decoder_config.pad_token_id
+    outputs: dict[str, list[torch.Tensor]] = {}
+    for batch in tqdm(loader, desc="evaluating", disable=not show_progress):
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        step = {
+            "index": batch["index"],
+            "image_embeds": F.normalize(
+                model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output.float(), dim=-1
+            ),
+            "text_embeds": F.normalize(model.get_text_features(**text).pooler_output.float(), dim=-1),
+        }
+        if vqa is not None:
+            logits = vqa(
+                input_ids=batch["question_input_ids"],
+                attention_mask=batch["question_attention_mask"],
+                pixel_values=batch["pixel_values"],
+            ).logits
+            step["vqa_answer"] = logits.argmax(dim=-1)
+        if captioner is not None:
+            tokens = captioner.generate(pixel_values=batch["pixel_values"], max_new_tokens=task.max_new_tokens)
+            step["caption_ids"] = _pad_to(tokens, task.max_new_tokens + 1, pad_token_id)
+        if accelerator is not None:
+            step = accelerator.gather_for_metrics(step)
+        for key, value in step.items():
+            outputs.setdefault(key, []).append(value.cpu())
+    gathered = {key: torch.cat(values) for key, values in outputs.items()}
+    order = gathered["index"].argsort()
+    return {key: value[order] for key, value in gathered.items()}
+
+
+def evaluate_model(
+    model: XModalModel,
+    processor: XModalProcessor,
+    dataset: Dataset,
+    task: EvaluationTask | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 128,
+    max_length: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluates a model on a paired image-text dataset (decoded rows with `image` and `text`).
+
+    Always retrieval (every text against every image, both ways); with `task`, also zero-shot classification,
+    VQA accuracy and captioning BLEU-4 / CIDEr-D. Keys: `text_to_image_R@1`, ..., `zero_shot_top1`,
+    `zero_shot_top5`, `vqa_accuracy`, `captioning_bleu4`, `captioning_cider` (and `captioning_examples`: three
+    (generated, reference) pairs).
+    """
+    if len(dataset) == 0:
+        raise ValueError("evaluate_model got an empty dataset.")
+    task = task or EvaluationTask()
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        _Indexed(dataset), batch_size=batch_size, collate_fn=_EvalCollator(processor, max_length, task)
+    )
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+    # evaluation draws no random numbers from the training's RNG streams (resume stays exact with --eval_steps)
+    with torch.random.fork_rng(devices=[]):
+        predictions = _predict(model, loader, task, accelerator, show_progress)
+        metrics = retrieval_metrics(predictions["text_embeds"] @ predictions["image_embeds"].t(), ks)
+        if task.class_names is not None:
+            classes = ensemble_text_embeddings(
+                model, processor, task.class_names, task.templates, max_length=max_length
+            ).to(predictions["image_embeds"])
+            scores = predictions["image_embeds"] @ classes.t()
+            labels = _column(dataset, task.label_column)
+            if labels and isinstance(labels[0], str):
+                labels = [list(task.class_names).index(label) for label in labels]
+            result = _compute("zero_shot_accuracy", predictions=scores.tolist(), references=labels)
+            metrics.update({f"zero_shot_{key}": float(value) for key, value in result.items()})
+        if task.answer_vocab is not None:
+            answers = [task.answer_vocab[index] for index in predictions["vqa_answer"].tolist()]
+            references = [[row[0]] for row in _column(dataset, "answers")]
+            metrics["vqa_accuracy"] = float(
+                _compute("vqa_accuracy", predictions=answers, references=references)["accuracy"]
+            )
+        if task.captioning:
+            captions = processor.batch_decode(predictions["caption_ids"], skip_special_tokens=True)
+            column = task.captions_column if task.captions_column in dataset.column_names else "text"
+            references = [[text] if isinstance(text, str) else list(text) for text in _column(dataset, column)]
+            metrics["captioning_bleu4"] = float(_compute("bleu", predictions=captions, references=references)["bleu"])
+            metrics["captioning_cider"] = float(
+                _compute("cider", predictions=captions, references=references)["cider"]
+            )
+            metrics["captioning_examples"] = list(zip(captions[:3], [refs[0] for refs in references[:3]]))
+    model.train(was_training)
     return metrics
 
 
@@ -54,26 +269,12 @@ def embed_dataset(
     max_length: int | None = None,
     show_progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised image and text embeddings of every row, each `(len(dataset), projection_dim)`."""
-    model.eval()
-    device = next(model.parameters()).device
-    image_embeds, text_embeds = [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="embedding", disable=not show_progress):
-        rows = dataset[start : start + batch_size]
-        inputs = processor(
-            images=rows[image_column],
-            text=rows[text_column],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        ).to(device)
-        image_embeds.append(
-            F.normalize(model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output, dim=-1)
-        )
-        text_inputs = {key: value for key, value in inputs.items() if key != "pixel_values"}
-        text_embeds.append(F.normalize(model.get_text_features(**text_inputs).pooler_output, dim=-1))
-    return torch.cat(image_embeds).float().cpu(), torch.cat(text_embeds).float().cpu()
+    """L2-normalised image and text embeddings of every row (its first caption when it has several), each
+    `(len(dataset), projection_dim)`."""
+    collator = _EvalCollator(processor, max_length, EvaluationTask(), image_column, text_column)
+    loader = DataLoader(_Indexed(dataset), batch_size=batch_size, collate_fn=collator)
+    predictions = _predict(model.eval(), loader, EvaluationTask(), None, show_progress)
+    return predictions["image_embeds"], predictions["text_embeds"]
 
 
 def evaluate_retrieval(
@@ -81,13 +282,21 @@ def evaluate_retrieval(
     processor: XModalProcessor,
     dataset: Dataset,
     ks: Sequence[int] = DEFAULT_KS,
-    **embed_kwargs: object,
+    **kwargs: Any,
 ) -> dict[str, float]:
-    """Text->image and image->text Recall@K (and mean rank) of a paired image-text dataset."""
-    if len(dataset) == 0:
-        raise ValueError("evaluate_retrieval got an empty dataset.")
-    image_embeds, text_embeds = embed_dataset(model, processor, dataset, **embed_kwargs)
-    return retrieval_metrics(text_embeds @ image_embeds.t(), ks)
+    """Text->image and image->text Recall@K (and mean/median rank) of a paired image-text dataset."""
+    return {
+        key: value
+        for key, value in evaluate_model(model, processor, dataset, ks=ks, **kwargs).items()
+        if key.startswith(("text_to_image", "image_to_text"))
+    }
 
 
-__all__ = ["DEFAULT_KS", "embed_dataset", "evaluate_retrieval", "retrieval_metrics"]
+__all__ = [
+    "DEFAULT_KS",
+    "EvaluationTask",
+    "embed_dataset",
+    "evaluate_model",
+    "evaluate_retrieval",
+    "retrieval_metrics",
+]

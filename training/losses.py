@@ -31,6 +31,37 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
 
 
+class GlobalBatch:
+    """The global batch for `XModalForPreTraining(global_batch=...)`: ITM draws its hard negatives from every
+    process's pairs and the momentum queue's in-batch negatives (and enqueued keys) are the global batch (ALBEF's
+    `concat_all_gather`). `gather` is differentiable where its input is (each process receives the gradients that
+    every process's loss sends to its rows)."""
+
+    def __init__(self) -> None:
+        self.rank, self.world_size = _world()
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`(B, ...)` on each process -> `(N * B, ...)` in rank order; the dimensions after the first are padded with
+        zeros to their largest size over the processes (e.g. captions of different padded lengths). Every process
+        must pass the same B."""
+        if self.world_size == 1:
+            return tensor
+        shape = torch.tensor(tensor.shape[1:], device=tensor.device, dtype=torch.long)
+        shapes = [torch.empty_like(shape) for _ in range(self.world_size)]
+        dist.all_gather(shapes, shape)
+        largest = torch.stack(shapes).amax(dim=0).tolist()
+        padding = [
+            amount for size, top in zip(reversed(tensor.shape[1:]), reversed(largest)) for amount in (0, top - size)
+        ]
+        if any(padding):
+            tensor = F.pad(tensor, padding)
+        if tensor.requires_grad:
+            return torch.cat(dist_nn.all_gather(tensor.contiguous()), dim=0)
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+
 class ContrastiveLoss(nn.Module):
     r"""Symmetric InfoNCE / NT-Xent over the global batch (CLIP; open_clip's `ClipLoss`).
 
@@ -76,4 +107,4 @@ class ContrastiveLoss(nn.Module):
         ) / 2.0
 
 
-__all__ = ["ContrastiveLoss", "gather_with_grad"]
+__all__ = ["GlobalBatch", "ContrastiveLoss", "gather_with_grad"]

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 from xmodal import XModalConfig, XModalForPreTraining, XModalImageProcessor, XModalModel, XModalProcessor
 from xmodal.processing import load_tokenizer, train_tokenizer
 from xmodal.training.augmentations import ImageAugmentation, TextAugmentation
-from xmodal.training.cards import write_model_card
+from xmodal.training.cards import RETRIEVAL_EXAMPLE_FILE, write_model_card
 from xmodal.training.checkpointing import (
     checkpoint_root,
     latest_checkpoint,
@@ -49,8 +49,10 @@ from xmodal.training.data import (
     with_lazy_decoding,
 )
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows
-from xmodal.training.evaluation import evaluate_retrieval
-from xmodal.training.losses import ContrastiveLoss
+from xmodal.training.evaluation import EvaluationTask, evaluate_model
+from xmodal.training.inference import check_templates
+from xmodal.training.losses import ContrastiveLoss, GlobalBatch
+from xmodal.training.plots import plot_retrieval_example
 
 OBJECTIVES = ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
 
@@ -130,6 +132,14 @@ class PretrainArguments:
     queue_size: int = field(default=0, metadata={"help": "Momentum-queue negatives per positive (0: none)."})
     multiview: bool = field(
         default=False, metadata={"help": "Add a second, augmented view of each pair (multi-view contrastive)."}
+    )
+    zero_shot_label_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of class labels for zero-shot evaluation (default: 'label' on the synthetic data)."},
+    )
+    zero_shot_templates: str = field(
+        default="a {}.|there is a {}.",
+        metadata={"help": "Zero-shot prompt templates, '|'-separated, each with {} for the class name."},
     )
     config_overrides: str | None = field(
         default=None,
@@ -473,6 +483,30 @@ def _decodable(dataset: Dataset, limit: int) -> Dataset:
     return with_lazy_decoding(dataset.select(good), decoder)
 
 
+def evaluation_task(args: PretrainArguments, objectives: tuple[str, ...], evaluation: Dataset) -> EvaluationTask:
+    """What the run evaluates besides retrieval: zero-shot classification when a label column is known, VQA and
+    captioning when those objectives were trained."""
+    label_column = args.zero_shot_label_column or ("label" if args.dataset == "synthetic" else None)
+    class_names = None
+    if label_column is not None:
+        if label_column not in evaluation.column_names:
+            raise ValueError(
+                f"--zero_shot_label_column {label_column!r} is not a column of the evaluation data; columns: "
+                f"{evaluation.column_names}."
+            )
+        feature = evaluation.features[label_column]
+        values = evaluation.with_format(None)[label_column]
+        class_names = feature.names if hasattr(feature, "names") else sorted({str(value) for value in values})
+    return EvaluationTask(
+        class_names=class_names,
+        label_column=label_column or "label",
+        templates=check_templates(args.zero_shot_templates.split("|")),
+        answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
+        captioning="captioning" in objectives,
+        max_new_tokens=args.max_length - 1,
+    )
+
+
 def load_pretraining_data(args: PretrainArguments, image_size: int) -> PretrainingData:
     """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
     (`--eval_split`, else `--num_eval_examples` rows held out of the training split)."""
@@ -617,14 +651,13 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
-    # several processes: the InfoNCE negatives come from the global batch (gathered with gradients)
-    global_contrastive = (
-        accelerator.num_processes > 1
-        and config.contrastive_loss_type == "nt_xent"
-        and not args.queue_size
-        and not args.multiview
-    )
-    extra_inputs = {"contrastive_loss_fn": ContrastiveLoss(args.label_smoothing)} if global_contrastive else {}
+    # several processes: the negatives of InfoNCE, ITM and the momentum queue come from the global batch (gathered,
+    # with gradients where they flow)
+    extra_inputs: dict[str, Any] = {}
+    if accelerator.num_processes > 1:
+        extra_inputs["global_batch"] = GlobalBatch()
+        if config.contrastive_loss_type == "nt_xent" and not args.queue_size and not args.multiview:
+            extra_inputs["contrastive_loss_fn"] = ContrastiveLoss(args.label_smoothing)
     logit_scale = accelerator.unwrap_model(model).logit_scale
     max_log_scale = math.log(config.max_logit_scale)
 
@@ -636,7 +669,22 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "objective_losses": {name: [] for name in objectives},
         "nonfinite_steps": 0,
         "train_seconds": 0.0,
+        "eval_history": [],
     }
+    task = evaluation_task(args, objectives, data.evaluation)
+
+    def evaluate(model: XModalModel) -> dict[str, Any]:
+        return evaluate_model(
+            model,
+            processor,
+            data.evaluation,
+            task,
+            accelerator=accelerator,
+            batch_size=args.eval_batch_size,
+            max_length=args.max_length,
+            show_progress=accelerator.is_local_main_process,
+        )
+
     bad_rows = BadRowCounter(args.max_bad_row_fraction)
     remove_incomplete_checkpoints(args.output_dir)
     resumed_from = latest_checkpoint(args.output_dir) if args.resume else None
@@ -713,6 +761,13 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                 },
                 step=state["step"],
             )
+        if args.eval_steps and state["step"] % args.eval_steps == 0 and state["step"] < args.max_steps:
+            results = evaluate(accelerator.unwrap_model(model))
+            state["eval_history"].append({"step": state["step"], **results})
+            accelerator.log(
+                {f"eval_{key}": value for key, value in results.items() if isinstance(value, float)},
+                step=state["step"],
+            )
         if args.save_steps and state["step"] % args.save_steps == 0:
             state["train_seconds"] = seconds_before + time.perf_counter() - session_start
             save_checkpoint(
@@ -726,7 +781,6 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         save_checkpoint(
             accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
         )
-    accelerator.end_training()
 
     model = accelerator.unwrap_model(model)
     losses = state["losses"]
@@ -745,14 +799,14 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "bad_row_examples": list(bad_rows.examples),
         "resumed_from": resumed_from,
     }
+    metrics.update({f"test_{key}": value for key, value in evaluate(model).items()})
+    metrics["test_chance_R@1"] = 1.0 / len(data.evaluation)
+    metrics["eval_history"] = state["eval_history"]
     if accelerator.is_main_process:
-        test_metrics = evaluate_retrieval(
-            model, processor, data.evaluation, batch_size=args.eval_batch_size, max_length=args.max_length
-        )
-        metrics.update({f"test_{key}": value for key, value in test_metrics.items()})
-        metrics["test_chance_R@1"] = 1.0 / len(data.evaluation)
-        save_pretrained_folder(model, processor, args, metrics)
+        save_pretrained_folder(model, processor, args, metrics, data.evaluation)
     accelerator.wait_for_everyone()
+    # last: it also ends the process group
+    accelerator.end_training()
     return metrics
 
 
@@ -766,19 +820,35 @@ def _json_state(state: dict[str, Any], bad_rows: BadRowCounter) -> dict[str, Any
 
 
 def save_pretrained_folder(
-    model: XModalModel, processor: XModalProcessor, args: PretrainArguments, metrics: dict[str, Any]
+    model: XModalModel,
+    processor: XModalProcessor,
+    args: PretrainArguments,
+    metrics: dict[str, Any],
+    evaluation: Dataset,
 ) -> None:
-    """Writes the Hub-ready folder: safetensors weights, config and processor files, the remote-code bundle, the
-    model card and metrics.json."""
+    """Writes the Hub-ready folder: safetensors weights, config and processor files, the remote-code bundle,
+    metrics.json, the loss curve, a retrieval example picture (top 5 images for the first evaluation caption) and the
+    model card."""
     os.makedirs(args.output_dir, exist_ok=True)
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": asdict(args), **metrics}, handle, indent=2)
+    plot_retrieval_example(
+        model,
+        processor,
+        evaluation,
+        os.path.join(args.output_dir, RETRIEVAL_EXAMPLE_FILE),
+        batch_size=args.eval_batch_size,
+        max_length=args.max_length,
+        show_progress=False,
+    )
+    dataset = "the xmodal procedural scenes (embedded)" if args.dataset == "synthetic" else args.dataset
     write_model_card(
         args.output_dir,
         model.config,
         metrics,
+        dataset_name=dataset,
         training_arguments=asdict(args),
         num_parameters=model.num_parameters(),
     )

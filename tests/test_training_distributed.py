@@ -1,0 +1,80 @@
+"""Several processes train exactly like one: `accelerate launch` with 2 CPU processes (gloo) and a per-process batch
+of B ends with the losses and weights of one process with batch 2B (global-batch InfoNCE, split batches)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xmodal.training import PretrainArguments, pretrain
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+RUN = {
+    "preset": "tiny",
+    "objectives": "contrastive",
+    "num_train_examples": 64,
+    "num_eval_examples": 16,
+    "eval_batch_size": 16,
+    "vocab_size": 128,
+    "max_steps": 6,
+    "warmup_steps": 1,
+    "learning_rate": 1e-3,
+    "config_overrides": json.dumps(
+        {
+            "vision_config": {"num_hidden_layers": 1, "image_size": 32},
+            "text_config": {"num_hidden_layers": 1},
+            "cross_config": {"num_hidden_layers": 1},
+        }
+    ),
+}
+_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from xmodal.training import PretrainArguments, pretrain
+pretrain(PretrainArguments(**json.loads(sys.argv[1])))
+"""
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="the accelerate launcher is not installed next to this Python")
+@pytest.mark.parametrize(
+    "objective",
+    [{}, {"queue_size": 32}],
+    ids=["global_infonce", "momentum_queue_of_the_global_batch"],
+)
+def test_two_processes_train_like_one_process_with_the_combined_batch(tmp_path, objective):
+    single, double = tmp_path / "single", tmp_path / "double"
+    run = {**RUN, **objective}
+    # one tokenizer for both runs (WordPiece training is not reproducible across processes)
+    metrics = pretrain(PretrainArguments(**{**run, "output_dir": str(single), "batch_size": 16, "save_steps": 6}))
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT)
+    arguments = {
+        **run,
+        "output_dir": str(double),
+        "batch_size": 8,
+        "tokenizer": str(single / "checkpoints" / "tokenizer"),
+    }
+    # --multi_gpu is Accelerate's multi-process launcher; on a CPU-only machine the processes form a gloo group
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(arguments)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    theirs = json.loads((double / "metrics.json").read_text())
+    assert theirs["train_pairs"] == metrics["train_pairs"] == 6 * 16
+    assert theirs["losses"] == pytest.approx(metrics["losses"], abs=1e-5)
+    ours_weights, theirs_weights = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for name, value in ours_weights.items():
+        torch.testing.assert_close(theirs_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # evaluation is sharded over the two processes and gathered: the same figures
+    for key in ("test_text_to_image_R@1", "test_image_to_text_mean_rank", "test_zero_shot_top1"):
+        assert theirs[key] == pytest.approx(metrics[key], abs=1e-6), key
