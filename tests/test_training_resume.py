@@ -129,7 +129,7 @@ def test_nonfinite_losses_are_skipped_and_too_many_stop_the_run(tmp_path, monkey
     monkeypatch.setattr(
         pretrain_module.ImageTextCollator,
         "__call__",
-        lambda self, rows: (corrupting_collate(self, rows) if calls["count"] < 4 else collate(self, rows)),
+        lambda self, rows: corrupting_collate(self, rows) if calls["count"] < 4 else collate(self, rows),
     )
     metrics = pretrain(PretrainArguments(**{**args, "output_dir": str(tmp_path / "ok"), "max_steps": 4}))
     assert metrics["nonfinite_steps"] == 2 and metrics["train_steps"] == 4

@@ -1,9 +1,21 @@
-"""xmodal.training: the embedded data, augmentations, the pretraining loop, evaluation, model cards and the
-`xmodal` CLI."""
+"""xmodal.training: data sources, augmentations, the pretraining loop, evaluation with local metric modules,
+fine-tuning and inference helpers, model cards, publishing and the `xmodal` CLI."""
 
 from .augmentations import ImageAugmentation, TextAugmentation, make_views
 from .cards import render_model_card, write_model_card
-from .evaluation import embed_dataset, evaluate_retrieval, retrieval_metrics
+from .data.pipeline import DataArguments, load_pretraining_data
+from .evaluation import (
+    EvaluationTask,
+    embed_dataset,
+    evaluate_model,
+    evaluate_retrieval,
+    evaluation_task,
+    retrieval_metrics,
+)
+from .finetune import FinetuneArguments, finetune
+from .inference import ZeroShotClassifier, index_image_folder, rank_images, rank_texts
+from .losses import ContrastiveLoss, GlobalBatch
+from .plots import plot_loss_curve, plot_retrieval_example, retrieval_example_picture
 from .pretrain import (
     OBJECTIVES,
     ImageTextCollator,
@@ -14,22 +26,40 @@ from .pretrain import (
     parse_objectives,
     pretrain,
 )
+from .push import push_to_hub
 
 __all__ = [
     "OBJECTIVES",
+    "ContrastiveLoss",
+    "DataArguments",
+    "EvaluationTask",
+    "FinetuneArguments",
+    "GlobalBatch",
     "ImageAugmentation",
     "ImageTextCollator",
     "PretrainArguments",
     "TextAugmentation",
+    "ZeroShotClassifier",
     "build_config",
     "build_processor",
     "embed_dataset",
+    "evaluate_model",
     "evaluate_retrieval",
+    "evaluation_task",
+    "finetune",
+    "index_image_folder",
+    "load_pretraining_data",
     "make_views",
     "optimizer_param_groups",
     "parse_objectives",
+    "plot_loss_curve",
+    "plot_retrieval_example",
     "pretrain",
+    "push_to_hub",
+    "rank_images",
+    "rank_texts",
     "render_model_card",
+    "retrieval_example_picture",
     "retrieval_metrics",
     "write_model_card",
 ]

@@ -20,26 +20,33 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from transformers import HfArgumentParser
+
+from xmodal.training.data.pipeline import DataArguments
 
 if TYPE_CHECKING:
     from xmodal import XModalModel, XModalProcessor
 
 
 @dataclass
-class EvaluateArguments:
-    """Options of `xmodal evaluate`."""
+class EvaluateArguments(DataArguments):
+    """Options of `xmodal evaluate`: every metric the model supports (retrieval; zero-shot when a label column is
+    known; VQA and captioning when the model was pretrained with them) on the evaluation split of --dataset."""
 
-    model: str = field(metadata={"help": "Folder (or Hub id) of a saved xmodal model and processor."})
-    num_eval_examples: int = field(default=1000, metadata={"help": "Procedural test scenes to retrieve among."})
-    seed: int = field(default=0, metadata={"help": "Seed of the procedural data."})
+    model: str | None = field(default=None, metadata={"help": "Folder of a saved xmodal model and processor."})
     batch_size: int = field(default=250, metadata={"help": "Batch size for embedding."})
     max_length: int | None = field(
         default=None, metadata={"help": "Longest caption in tokens (default: the tokenizer's model_max_length)."}
     )
+    output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model or not os.path.isdir(self.model):
+            raise ValueError(f"--model must be the folder of a saved xmodal model, got {self.model!r}.")
 
 
 def _split_list(value: str, separator: str) -> list[str]:
@@ -229,28 +236,46 @@ def _pretrain(argv: list[str]) -> int:
     args = _parse(PretrainArguments, argv, "xmodal pretrain")
     metrics = pretrain(args)
     if "test_text_to_image_R@1" in metrics:
-        print(f"\nRetrieval on the held-out test split ({int(round(1 / metrics['test_chance_R@1']))} pairs, %):")
+        print(
+            f"\nEvaluation on the held-out test split ({int(round(1 / metrics['test_chance_R@1']))} pairs, recall in %):"
+        )
         print(format_retrieval_table(metrics))
     print(f"\nloss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.3f} in {metrics['train_seconds']} s")
+    if metrics.get("bad_rows") or metrics.get("nonfinite_steps"):
+        print(f"skipped: {metrics['bad_rows']} undecodable rows, {metrics['nonfinite_steps']} non-finite steps")
     print(f"Hub-ready model saved to {args.output_dir}")
     return 0
 
 
 def _evaluate(argv: list[str]) -> int:
-    from xmodal import XModalModel, XModalProcessor
-    from xmodal.training.data import make_synthetic_dataset
-    from xmodal.training.evaluation import evaluate_retrieval
+    from xmodal import XModalForPreTraining, XModalProcessor
+    from xmodal.training.data import ANSWER_VOCAB
+    from xmodal.training.data.pipeline import load_pretraining_data
+    from xmodal.training.evaluation import evaluate_model, evaluation_task
 
     args = _parse(EvaluateArguments, argv, "xmodal evaluate")
-    model = XModalModel.from_pretrained(args.model)
+    model = XModalForPreTraining.from_pretrained(args.model)
     processor = XModalProcessor.from_pretrained(args.model)
-    size = model.config.vision_config.image_size
-    test = make_synthetic_dataset(
-        num_train=0, num_validation=0, num_test=args.num_eval_examples, seed=args.seed, image_size=size
-    )["test"]
+    config = model.config
     max_length = args.max_length or processor.tokenizer.model_max_length
-    metrics = evaluate_retrieval(model, processor, test, batch_size=args.batch_size, max_length=max_length)
-    print(json.dumps(metrics, indent=2))
+    # the procedural test scenes do not depend on the training split's size: generate only one training scene
+    data_args = replace(args, num_train_examples=1) if args.dataset == "synthetic" else args
+    data = load_pretraining_data(data_args, config.vision_config.image_size)
+    task = evaluation_task(
+        args,
+        data.evaluation,
+        answer_vocab=ANSWER_VOCAB if config.vqa_loss_weight > 0 and args.dataset == "synthetic" else None,
+        captioning=config.captioning_loss_weight > 0,
+        max_new_tokens=max_length - 1,
+    )
+    metrics = evaluate_model(
+        model, processor, data.evaluation, task, batch_size=args.batch_size, max_length=max_length
+    )
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.output_file:
+        with open(args.output_file, "w", encoding="utf-8") as handle:
+            handle.write(text)
     return 0
 
 

@@ -27,7 +27,8 @@ from xmodal import (
     XModalModel,
     XModalProcessor,
 )
-from xmodal.training.inference import ensemble_text_embeddings
+from xmodal.training.data.pipeline import DataArguments
+from xmodal.training.inference import check_templates, ensemble_text_embeddings
 from xmodal.training.metrics import load_metric
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -258,6 +259,36 @@ def evaluate_model(
     return metrics
 
 
+def evaluation_task(
+    args: DataArguments,
+    evaluation: Dataset,
+    answer_vocab: Sequence[str] | None = None,
+    captioning: bool = False,
+    max_new_tokens: int = 24,
+) -> EvaluationTask:
+    """What to evaluate besides retrieval: zero-shot classification when a label column is known
+    (`--zero_shot_label_column`, `label` on the synthetic data), VQA with `answer_vocab`, captioning if asked."""
+    label_column = args.zero_shot_label_column or ("label" if args.dataset == "synthetic" else None)
+    class_names = None
+    if label_column is not None:
+        if label_column not in evaluation.column_names:
+            raise ValueError(
+                f"--zero_shot_label_column {label_column!r} is not a column of the evaluation data; columns: "
+                f"{evaluation.column_names}."
+            )
+        feature = evaluation.features[label_column]
+        values = evaluation.with_format(None)[label_column]
+        class_names = feature.names if hasattr(feature, "names") else sorted({str(value) for value in values})
+    return EvaluationTask(
+        class_names=class_names,
+        label_column=label_column or "label",
+        templates=check_templates(args.zero_shot_templates.split("|")),
+        answer_vocab=answer_vocab,
+        captioning=captioning,
+        max_new_tokens=max_new_tokens,
+    )
+
+
 @torch.no_grad()
 def embed_dataset(
     model: XModalModel,
@@ -298,5 +329,6 @@ __all__ = [
     "embed_dataset",
     "evaluate_model",
     "evaluate_retrieval",
+    "evaluation_task",
     "retrieval_metrics",
 ]

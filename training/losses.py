@@ -107,4 +107,4 @@ class ContrastiveLoss(nn.Module):
         ) / 2.0
 
 
-__all__ = ["GlobalBatch", "ContrastiveLoss", "gather_with_grad"]
+__all__ = ["ContrastiveLoss", "GlobalBatch", "gather_with_grad"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -39,18 +39,13 @@ from xmodal.training.checkpointing import (
 )
 from xmodal.training.data import (
     ANSWER_VOCAB,
-    BAD_ROW_MARKER,
     BAD_ROWS_KEY,
     BadRowCounter,
-    ImageTextDecoder,
     SkipBadRows,
-    caption_corpus,
-    load_image_text_dataset,
-    with_lazy_decoding,
 )
+from xmodal.training.data.pipeline import DataArguments, load_pretraining_data
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows
-from xmodal.training.evaluation import EvaluationTask, evaluate_model
-from xmodal.training.inference import check_templates
+from xmodal.training.evaluation import evaluate_model, evaluation_task
 from xmodal.training.losses import ContrastiveLoss, GlobalBatch
 from xmodal.training.plots import plot_retrieval_example
 
@@ -70,38 +65,11 @@ def parse_objectives(value: str) -> tuple[str, ...]:
 
 
 @dataclass
-class PretrainArguments:
-    """Options of `xmodal pretrain` (each is also a command-line flag)."""
+class PretrainArguments(DataArguments):
+    """Options of `xmodal pretrain` (each is also a command-line flag); the data options are `DataArguments`'."""
 
     output_dir: str = field(default="outputs/xmodal-tiny", metadata={"help": "Folder for the Hub-ready model."})
     preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small or base."})
-    dataset: str = field(
-        default="synthetic",
-        metadata={
-            "help": "Training data: 'synthetic' (the embedded procedural scenes), a local imagefolder with "
-            "metadata.jsonl, a CSV/JSON-lines file of image paths and captions, or a datasets name."
-        },
-    )
-    image_column: str = field(default="image", metadata={"help": "Column of the images (or image paths)."})
-    text_column: str = field(default="text", metadata={"help": "Column of the captions (a caption or a list)."})
-    train_split: str = field(default="train", metadata={"help": "Split (or --split_column value) to train on."})
-    eval_split: str = field(
-        default="test",
-        metadata={"help": "Split to evaluate on; without it, --num_eval_examples rows are held out of training."},
-    )
-    split_column: str | None = field(
-        default=None,
-        metadata={"help": "Column naming each row's split (e.g. emoji_split), for data with one split only."},
-    )
-    streaming: bool = field(default=False, metadata={"help": "Stream the training data (IterableDataset)."})
-    shuffle_buffer_size: int = field(default=10000, metadata={"help": "Shuffling buffer of streamed data."})
-    max_bad_row_fraction: float = field(
-        default=0.01, metadata={"help": "Share of undecodable rows (skipped and counted) that stops the run."}
-    )
-    num_train_examples: int = field(default=8000, metadata={"help": "Procedural training scenes (synthetic)."})
-    num_eval_examples: int = field(
-        default=1000, metadata={"help": "Evaluation rows (procedural: validation and test scenes each)."}
-    )
     vocab_size: int = field(default=2048, metadata={"help": "WordPiece vocabulary trained on the captions."})
     tokenizer: str | None = field(
         default=None,
@@ -121,7 +89,6 @@ class PretrainArguments:
         default="auto",
         metadata={"help": "no, fp16, bf16 or auto (bf16 on GPUs that support it, else fp16 on GPUs, none on CPU)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the data, the initialisation and the data order."})
     eval_batch_size: int = field(default=250, metadata={"help": "Batch size for embedding the evaluation split."})
     objectives: str = field(
         default="contrastive",
@@ -132,14 +99,6 @@ class PretrainArguments:
     queue_size: int = field(default=0, metadata={"help": "Momentum-queue negatives per positive (0: none)."})
     multiview: bool = field(
         default=False, metadata={"help": "Add a second, augmented view of each pair (multi-view contrastive)."}
-    )
-    zero_shot_label_column: str | None = field(
-        default=None,
-        metadata={"help": "Column of class labels for zero-shot evaluation (default: 'label' on the synthetic data)."},
-    )
-    zero_shot_templates: str = field(
-        default="a {}.|there is a {}.",
-        metadata={"help": "Zero-shot prompt templates, '|'-separated, each with {} for the class name."},
     )
     config_overrides: str | None = field(
         default=None,
@@ -181,6 +140,7 @@ class PretrainArguments:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         parse_objectives(self.objectives)
         if self.config_overrides is not None:
             try:
@@ -189,7 +149,7 @@ class PretrainArguments:
                 raise ValueError(f"--config_overrides is not valid JSON: {err}") from err
             if not isinstance(overrides, dict):
                 raise ValueError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
-        for name in ("num_train_examples", "num_eval_examples", "vocab_size", "max_length", "max_steps", "batch_size"):
+        for name in ("vocab_size", "max_length", "max_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.eval_batch_size < 1:
@@ -200,8 +160,6 @@ class PretrainArguments:
             raise ValueError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"--warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}.")
-        if not 0 <= self.max_bad_row_fraction <= 1:
-            raise ValueError(f"--max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}.")
         if self.dataset == "synthetic" and self.batch_size > self.num_train_examples:
             raise ValueError(
                 f"--batch_size ({self.batch_size}) exceeds --num_train_examples ({self.num_train_examples}): "
@@ -442,107 +400,6 @@ def _check_output_dir(args: PretrainArguments) -> None:
         shutil.rmtree(checkpoint_root(args.output_dir), ignore_errors=True)
 
 
-@dataclass
-class PretrainingData:
-    """The run's data: `train` yields decoded rows (lazily, marking undecodable ones), `evaluation` holds decodable
-    rows only, `corpus` is the text the tokenizer is trained on."""
-
-    train: Dataset | IterableDataset
-    evaluation: Dataset
-    corpus: Iterable[str]
-
-
-def _flatten_captions(texts: Iterable[str | list[str]]) -> Iterator[str]:
-    for text in texts:
-        if isinstance(text, str):
-            yield text
-        elif text:
-            yield from text
-
-
-def _select_split(dataset: Any, name: str, args: PretrainArguments) -> Any:
-    if args.split_column is not None:
-        split = next(iter(dataset.values())) if isinstance(dataset, (DatasetDict, IterableDatasetDict)) else dataset
-        if args.split_column not in split.column_names:
-            raise ValueError(
-                f"--split_column {args.split_column!r} is not a column of {args.dataset}; columns: {split.column_names}."
-            )
-        return split.filter(lambda value: value == name, input_columns=args.split_column)
-    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
-        return dataset[name] if name in dataset else None
-    return dataset if name == args.train_split else None
-
-
-def _decodable(dataset: Dataset, limit: int) -> Dataset:
-    """The first `limit` rows of `dataset` whose image decodes, lazily decoded."""
-    decoder = ImageTextDecoder()
-    dataset = dataset.select(range(min(limit, len(dataset))))
-    good = [index for index in range(len(dataset)) if decoder.decode_row(dataset[index])[BAD_ROW_MARKER] is None]
-    if not good:
-        raise ValueError(f"No image of the evaluation split could be decoded ({len(dataset)} rows tried).")
-    return with_lazy_decoding(dataset.select(good), decoder)
-
-
-def evaluation_task(args: PretrainArguments, objectives: tuple[str, ...], evaluation: Dataset) -> EvaluationTask:
-    """What the run evaluates besides retrieval: zero-shot classification when a label column is known, VQA and
-    captioning when those objectives were trained."""
-    label_column = args.zero_shot_label_column or ("label" if args.dataset == "synthetic" else None)
-    class_names = None
-    if label_column is not None:
-        if label_column not in evaluation.column_names:
-            raise ValueError(
-                f"--zero_shot_label_column {label_column!r} is not a column of the evaluation data; columns: "
-                f"{evaluation.column_names}."
-            )
-        feature = evaluation.features[label_column]
-        values = evaluation.with_format(None)[label_column]
-        class_names = feature.names if hasattr(feature, "names") else sorted({str(value) for value in values})
-    return EvaluationTask(
-        class_names=class_names,
-        label_column=label_column or "label",
-        templates=check_templates(args.zero_shot_templates.split("|")),
-        answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
-        captioning="captioning" in objectives,
-        max_new_tokens=args.max_length - 1,
-    )
-
-
-def load_pretraining_data(args: PretrainArguments, image_size: int) -> PretrainingData:
-    """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
-    (`--eval_split`, else `--num_eval_examples` rows held out of the training split)."""
-    synthetic = args.dataset == "synthetic"
-    builder = (
-        {
-            "num_train": args.num_train_examples,
-            "num_validation": args.num_eval_examples,
-            "num_test": args.num_eval_examples,
-            "seed": args.seed,
-            "image_size": image_size,
-        }
-        if synthetic
-        else None
-    )
-    common = {"image_column": args.image_column, "text_column": args.text_column, "builder_kwargs": builder}
-    raw = load_image_text_dataset(args.dataset, **common)
-    train, evaluation = _select_split(raw, args.train_split, args), _select_split(raw, args.eval_split, args)
-    if train is None:
-        raise ValueError(f"{args.dataset} has no split {args.train_split!r} (--train_split).")
-    if evaluation is None:
-        held_out = train.train_test_split(test_size=args.num_eval_examples, seed=args.seed)
-        train, evaluation = held_out["train"], held_out["test"]
-    if synthetic:
-        corpus: Iterable[str] = list(caption_corpus(train))
-    else:
-        corpus = list(_flatten_captions(train.select_columns(["text"])["text"]))
-    if args.streaming:
-        train = train.to_iterable_dataset(num_shards=min(64, len(train))).shuffle(
-            seed=args.seed, buffer_size=args.shuffle_buffer_size
-        )
-    return PretrainingData(
-        train=with_lazy_decoding(train), evaluation=_decodable(evaluation, args.num_eval_examples), corpus=corpus
-    )
-
-
 def _run_tokenizer(
     args: PretrainArguments, accelerator: Accelerator, corpus: Iterable[str]
 ) -> PreTrainedTokenizerBase:
@@ -636,7 +493,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     model = XModalForPreTraining(config)
     lock_towers(model, args.lock_image_tower, args.lock_text_tower)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
 
     collator = ImageTextCollator(
         processor,
@@ -671,7 +528,13 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "train_seconds": 0.0,
         "eval_history": [],
     }
-    task = evaluation_task(args, objectives, data.evaluation)
+    task = evaluation_task(
+        args,
+        data.evaluation,
+        answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
+        captioning="captioning" in objectives,
+        max_new_tokens=args.max_length - 1,
+    )
 
     def evaluate(model: XModalModel) -> dict[str, Any]:
         return evaluate_model(
@@ -855,13 +718,28 @@ def save_pretrained_folder(
 
 
 def format_retrieval_table(metrics: dict[str, Any]) -> str:
-    """A Markdown table of the test Recall@K figures in `metrics`."""
+    """Markdown tables of the test figures in `metrics`: Recall@K both ways, then zero-shot, VQA and captioning."""
     lines = ["| direction | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
     for direction in ("text_to_image", "image_to_text"):
         cells = [f"{100 * metrics[f'test_{direction}_R@{k}']:.1f}" for k in (1, 5, 10)]
         lines.append(f"| {direction.replace('_', ' ')} | " + " | ".join(cells) + " |")
     chance = metrics["test_chance_R@1"]
     lines.append(f"\nChance level: R@1 = {100 * chance:.1f}%, R@10 = {100 * min(1.0, 10 * chance):.1f}%.")
+    others = [
+        (label, metrics[f"test_{key}"])
+        for key, label in (
+            ("zero_shot_top1", "zero-shot top-1 (%)"),
+            ("zero_shot_top5", "zero-shot top-5 (%)"),
+            ("vqa_accuracy", "VQA accuracy (%)"),
+            ("captioning_bleu4", "captioning BLEU-4 (%)"),
+            ("captioning_cider", "captioning CIDEr (x100)"),
+        )
+        if f"test_{key}" in metrics
+    ]
+    if others:
+        lines += ["", "| metric | value |", "|---|---|"] + [
+            f"| {label} | {100 * value:.1f} |" for label, value in others
+        ]
     return "\n".join(lines)
 
 

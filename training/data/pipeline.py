@@ -1,0 +1,145 @@
+"""The data options shared by `xmodal pretrain` and `xmodal evaluate`, and loading a run's training and evaluation
+splits from any source of :func:`~xmodal.training.data.load_image_text_dataset`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+
+from .sources import BAD_ROW_MARKER, ImageTextDecoder, load_image_text_dataset, with_lazy_decoding
+from .synthetic import caption_corpus
+
+
+@dataclass
+class DataArguments:
+    """Where the image-text pairs come from and which rows train and evaluate."""
+
+    dataset: str = field(
+        default="synthetic",
+        metadata={
+            "help": "Image-text data: 'synthetic' (the embedded procedural scenes), a local imagefolder with "
+            "metadata.jsonl, a CSV/JSON-lines file of image paths and captions, or a datasets name."
+        },
+    )
+    image_column: str = field(default="image", metadata={"help": "Column of the images (or image paths)."})
+    text_column: str = field(default="text", metadata={"help": "Column of the captions (a caption or a list)."})
+    train_split: str = field(default="train", metadata={"help": "Split (or --split_column value) to train on."})
+    eval_split: str = field(
+        default="test",
+        metadata={"help": "Split to evaluate on; without it, --num_eval_examples rows are held out of training."},
+    )
+    split_column: str | None = field(
+        default=None,
+        metadata={"help": "Column naming each row's split (e.g. emoji_split), for data with one split only."},
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the training data (IterableDataset)."})
+    shuffle_buffer_size: int = field(default=10000, metadata={"help": "Shuffling buffer of streamed data."})
+    max_bad_row_fraction: float = field(
+        default=0.01, metadata={"help": "Share of undecodable rows (skipped and counted) that stops the run."}
+    )
+    num_train_examples: int = field(default=8000, metadata={"help": "Procedural training scenes (synthetic)."})
+    num_eval_examples: int = field(
+        default=1000, metadata={"help": "Evaluation rows (procedural: validation and test scenes each)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data, the initialisation and the data order."})
+    zero_shot_label_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of class labels for zero-shot evaluation (default: 'label' on the synthetic data)."},
+    )
+    zero_shot_templates: str = field(
+        default="a {}.|there is a {}.",
+        metadata={"help": "Zero-shot prompt templates, '|'-separated, each with {} for the class name."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("num_train_examples", "num_eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 <= self.max_bad_row_fraction <= 1:
+            raise ValueError(f"--max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}.")
+        if self.shuffle_buffer_size < 1:
+            raise ValueError(f"--shuffle_buffer_size must be at least 1, got {self.shuffle_buffer_size}.")
+
+
+@dataclass
+class PretrainingData:
+    """The run's data: `train` yields decoded rows (lazily, marking undecodable ones), `evaluation` holds decodable
+    rows only, `corpus` is the text the tokenizer is trained on."""
+
+    train: Dataset | IterableDataset
+    evaluation: Dataset
+    corpus: Iterable[str]
+
+
+def _flatten_captions(texts: Iterable[str | list[str]]) -> Iterator[str]:
+    for text in texts:
+        if isinstance(text, str):
+            yield text
+        elif text:
+            yield from text
+
+
+def _select_split(dataset: Any, name: str, args: DataArguments) -> Any:
+    if args.split_column is not None:
+        split = next(iter(dataset.values())) if isinstance(dataset, (DatasetDict, IterableDatasetDict)) else dataset
+        if args.split_column not in split.column_names:
+            raise ValueError(
+                f"--split_column {args.split_column!r} is not a column of {args.dataset}; columns: {split.column_names}."
+            )
+        return split.filter(lambda value: value == name, input_columns=args.split_column)
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
+        return dataset[name] if name in dataset else None
+    return dataset if name == args.train_split else None
+
+
+def _decodable(dataset: Dataset, limit: int) -> Dataset:
+    """The first `limit` rows of `dataset` whose image decodes, lazily decoded."""
+    decoder = ImageTextDecoder()
+    dataset = dataset.select(range(min(limit, len(dataset))))
+    good = [index for index in range(len(dataset)) if decoder.decode_row(dataset[index])[BAD_ROW_MARKER] is None]
+    if not good:
+        raise ValueError(f"No image of the evaluation split could be decoded ({len(dataset)} rows tried).")
+    return with_lazy_decoding(dataset.select(good), decoder)
+
+
+def load_pretraining_data(args: DataArguments, image_size: int) -> PretrainingData:
+    """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
+    (`--eval_split`, else `--num_eval_examples` rows held out of the training split with `--seed`, the same rows
+    whenever the same options are given)."""
+    synthetic = args.dataset == "synthetic"
+    builder = (
+        {
+            "num_train": args.num_train_examples,
+            "num_validation": args.num_eval_examples,
+            "num_test": args.num_eval_examples,
+            "seed": args.seed,
+            "image_size": image_size,
+        }
+        if synthetic
+        else None
+    )
+    common = {"image_column": args.image_column, "text_column": args.text_column, "builder_kwargs": builder}
+    raw = load_image_text_dataset(args.dataset, **common)
+    train, evaluation = _select_split(raw, args.train_split, args), _select_split(raw, args.eval_split, args)
+    if train is None:
+        raise ValueError(f"{args.dataset} has no split {args.train_split!r} (--train_split).")
+    if evaluation is None:
+        held_out = train.train_test_split(test_size=args.num_eval_examples, seed=args.seed)
+        train, evaluation = held_out["train"], held_out["test"]
+    if synthetic:
+        corpus: Iterable[str] = list(caption_corpus(train))
+    else:
+        corpus = list(_flatten_captions(train.select_columns(["text"])["text"]))
+    if args.streaming:
+        train = train.to_iterable_dataset(num_shards=min(64, len(train))).shuffle(
+            seed=args.seed, buffer_size=args.shuffle_buffer_size
+        )
+    return PretrainingData(
+        train=with_lazy_decoding(train), evaluation=_decodable(evaluation, args.num_eval_examples), corpus=corpus
+    )
+
+
+__all__ = ["DataArguments", "PretrainingData", "load_pretraining_data"]
