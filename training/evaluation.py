@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -69,7 +70,9 @@ class EvaluationTask:
     """What to evaluate beyond retrieval, on a paired image-text dataset.
 
     Args:
-        class_names: zero-shot classes; `label_column` holds indices into them or the names; None skips zero-shot.
+        class_names: zero-shot classes; None skips zero-shot.
+        label_column: the column of each row's class: an index into `class_names`, or with `labels_are_names` a
+            value whose `str()` is the class name.
         templates: prompt templates with `{}` for the class name (averaged as a prompt ensemble).
         answer_vocab: the VQA head's answers, for rows with `questions`/`answers` lists (the first question of each
             row is asked); None skips VQA.
@@ -79,6 +82,7 @@ class EvaluationTask:
 
     class_names: Sequence[str] | None = None
     label_column: str = "label"
+    labels_are_names: bool = False
     templates: Sequence[str] = ("a {}.",)
     answer_vocab: Sequence[str] | None = None
     captioning: bool = False
@@ -225,7 +229,14 @@ def evaluate_model(
         _Indexed(dataset), batch_size=batch_size, collate_fn=_EvalCollator(processor, max_length, task)
     )
     if accelerator is not None:
-        loader = accelerator.prepare_data_loader(loader, device_placement=False)
+        # shards of whole batches (any batch size, whatever the training run's split_batches)
+        loader = prepare_data_loader(
+            loader,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+            split_batches=False,
+            put_on_device=False,
+        )
     # evaluation draws no random numbers from the training's RNG streams (resume stays exact with --eval_steps)
     with torch.random.fork_rng(devices=[]):
         predictions = _predict(model, loader, task, accelerator, show_progress)
@@ -236,8 +247,9 @@ def evaluate_model(
             ).to(predictions["image_embeds"])
             scores = predictions["image_embeds"] @ classes.t()
             labels = _column(dataset, task.label_column)
-            if labels and isinstance(labels[0], str):
-                labels = [list(task.class_names).index(label) for label in labels]
+            if task.labels_are_names:
+                index = {name: position for position, name in enumerate(task.class_names)}
+                labels = [index[str(label)] for label in labels]
             result = _compute("zero_shot_accuracy", predictions=scores.tolist(), references=labels)
             metrics.update({f"zero_shot_{key}": float(value) for key, value in result.items()})
         if task.answer_vocab is not None:
@@ -282,6 +294,7 @@ def evaluation_task(
     return EvaluationTask(
         class_names=class_names,
         label_column=label_column or "label",
+        labels_are_names=label_column is not None and not hasattr(evaluation.features[label_column], "names"),
         templates=check_templates(args.zero_shot_templates.split("|")),
         answer_vocab=answer_vocab,
         captioning=captioning,

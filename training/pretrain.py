@@ -129,7 +129,7 @@ class PretrainArguments(DataArguments):
     )
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model with torch.compile (inductor)."})
     save_steps: int = field(
-        default=0, metadata={"help": "Write a checkpoint every this many optimizer steps (0: only at the end)."}
+        default=0, metadata={"help": "Write a checkpoint every this many optimizer steps and at the end (0: none)."}
     )
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the newest ones; 0 keeps all)."})
     resume: bool = field(
@@ -493,29 +493,40 @@ def _broadcast_tokenizer(
     return load_tokenizer(path)
 
 
+def _trim(batch: dict[str, Any], size: int) -> dict[str, Any]:
+    """The first `size` rows of a collated batch (every value has one row per pair)."""
+    return {key: value[:size] for key, value in batch.items()}
+
+
 def _batches(
     loader: DataLoader, accelerator: Accelerator, state: dict[str, Any], bad_rows: BadRowCounter
 ) -> Iterator[dict[str, Any]]:
     """Endless micro-batches; `state["epoch"]` and `state["batch"]` (micro-batches of that epoch already consumed)
-    track the position, so a resumed run skips exactly the batches it has seen. Undecodable rows were dropped by the
-    collator and are counted here; a batch left empty on any process, or (several processes) of unequal sizes, is
-    skipped on all of them, since the global-batch losses gather equal shapes."""
+    track the position, so a resumed run skips exactly the batches it has seen.
+
+    Undecodable rows were dropped by the collator; they are counted here over all processes (every process sees the
+    same totals, so the --max_bad_row_fraction stop is taken everywhere at once). The global-batch losses gather
+    equal shapes, so every process keeps as many rows as the smallest slice; a slice left empty skips the batch."""
     while True:
         loader.set_epoch(state["epoch"])
         source = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
-        produced = False
+        from_start, produced = state["batch"] == 0, False
         for batch in source:
             state["batch"] += 1
             report = batch.pop(BAD_ROWS_KEY)
-            bad_rows.update(report.num_rows, report.num_bad, report.descriptions)
-            size = torch.tensor([len(batch["input_ids"]) if batch else 0], device=accelerator.device)
-            sizes = accelerator.gather(size)
-            if sizes.min() == 0 or sizes.min() != sizes.max():
+            local = [len(batch["input_ids"]) if batch else 0, report.num_rows, report.num_bad]
+            counts = accelerator.gather(torch.tensor([local], device=accelerator.device))
+            bad_rows.update(int(counts[:, 1].sum()), int(counts[:, 2].sum()), report.descriptions)
+            size = int(counts[:, 0].min())
+            if size == 0:
                 continue
             produced = True
-            yield batch
-        if not produced and not state["batch"]:
-            raise ValueError("The training data produced no batch: fewer usable rows than --batch_size.")
+            yield _trim(batch, size)
+        if from_start and not produced:
+            raise ValueError(
+                f"An epoch of the training data produced no usable batch ({bad_rows.summary()}): fewer decodable rows "
+                "than --batch_size x processes?"
+            )
         state["epoch"] += 1
         state["batch"] = 0
 
@@ -541,7 +552,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     set_seed(args.seed)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     data = load_pretraining_data(args, XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size)
-    if "vqa" in objectives and not {"questions", "answers"} <= set(data.train.column_names or ()):
+    if "vqa" in objectives and not {"questions", "answers"} <= set(data.columns):
         raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
     if args.text_tower:
         tokenizer = load_tokenizer(resolve_text_tower(args.text_tower))
@@ -552,6 +563,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     model = build_model(args, config)
     config = model.config
     lock_towers(model, args.lock_image_tower, args.lock_text_tower, args.unlocked_text_layers)
+    # the model starts identical everywhere; masking, ITM draws and dropout now differ from process to process
+    set_seed(args.seed + accelerator.process_index)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
 
@@ -587,6 +600,11 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "nonfinite_steps": 0,
         "train_seconds": 0.0,
         "eval_history": [],
+        # what fixes the data order and the RNG files: a resumed run must use the same
+        "run_options": {
+            **{name: getattr(args, name) for name in _RESUME_OPTIONS},
+            "num_processes": accelerator.num_processes,
+        },
     }
     task = evaluation_task(
         args,
@@ -612,7 +630,18 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     remove_incomplete_checkpoints(args.output_dir)
     resumed_from = latest_checkpoint(args.output_dir) if args.resume else None
     if resumed_from:
-        state.update(load_checkpoint(accelerator, resumed_from))
+        saved = load_checkpoint(accelerator, resumed_from)
+        changed = {
+            name: (value, state["run_options"][name])
+            for name, value in saved.get("run_options", {}).items()
+            if state["run_options"].get(name) != value
+        }
+        if changed:
+            raise ValueError(
+                f"--resume from {resumed_from}: these options differ from the checkpoint's (saved, now): {changed}; "
+                "the data order would not continue. Resume with the same options, or start afresh."
+            )
+        state.update(saved)
         bad_rows.update(state["rows_seen"], state["bad_rows"], state["bad_row_examples"])
         accelerator.print(f"Resuming from {resumed_from} (step {state['step']}).")
     accelerator.init_trackers("xmodal-pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
@@ -643,11 +672,18 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             micro_losses.append(
                 torch.stack([outputs.loss.detach()] + [outputs[f"{n}_loss"].detach() for n in objectives])
             )
+        if not nonfinite and args.max_grad_norm > 0:
+            # a finite loss can still give non-finite gradients (overflow in the backward pass)
+            nonfinite = not math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
+        if not nonfinite:
+            optimizer.step()
+            # fp16: the gradient scaler skips steps whose gradients overflowed
+            nonfinite = accelerator.optimizer_step_was_skipped
+        optimizer.zero_grad(set_to_none=True)
         if nonfinite:
-            optimizer.zero_grad(set_to_none=True)
             state["nonfinite_steps"] += 1
             consecutive_nonfinite += 1
-            accelerator.print(f"Step {state['step'] + 1}: non-finite loss, step skipped.")
+            accelerator.print(f"Step {state['step'] + 1}: non-finite loss or gradients, step skipped.")
             if consecutive_nonfinite >= args.max_nonfinite_steps:
                 raise RuntimeError(
                     f"The loss was non-finite in {consecutive_nonfinite} consecutive steps (last at step "
@@ -656,11 +692,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                 )
             continue
         consecutive_nonfinite = 0
-        if args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             # clamp the parameter itself (open_clip) so it keeps receiving gradient at the bound
             logit_scale.clamp_(0, max_log_scale)
@@ -685,7 +717,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                 step=state["step"],
             )
         if args.eval_steps and state["step"] % args.eval_steps == 0 and state["step"] < args.max_steps:
-            results = evaluate(accelerator.unwrap_model(model))
+            results = evaluate(accelerator.unwrap_model(model, keep_torch_compile=False))
             state["eval_history"].append({"step": state["step"], **results})
             accelerator.log(
                 {f"eval_{key}": value for key, value in results.items() if isinstance(value, float)},
@@ -705,7 +737,11 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
         )
 
-    model = accelerator.unwrap_model(model)
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if accelerator.is_main_process:
+        # the weights first: nothing trained is lost if evaluation fails
+        model.save_pretrained(args.output_dir)
+        processor.save_pretrained(args.output_dir)
     losses = state["losses"]
     metrics: dict[str, Any] = {
         "train_steps": state["step"],
@@ -726,11 +762,24 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     metrics["test_chance_R@1"] = 1.0 / len(data.evaluation)
     metrics["eval_history"] = state["eval_history"]
     if accelerator.is_main_process:
-        save_pretrained_folder(model, processor, args, metrics, data.evaluation)
+        write_run_report(model, processor, args, metrics, data.evaluation)
     accelerator.wait_for_everyone()
     # last: it also ends the process group
     accelerator.end_training()
     return metrics
+
+
+_RESUME_OPTIONS = (
+    "dataset",
+    "text_column",
+    "train_split",
+    "split_column",
+    "num_train_examples",
+    "seed",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "objectives",
+)
 
 
 def _json_state(state: dict[str, Any], bad_rows: BadRowCounter) -> dict[str, Any]:
@@ -742,19 +791,16 @@ def _json_state(state: dict[str, Any], bad_rows: BadRowCounter) -> dict[str, Any
     return {**{key: value for key, value in state.items() if key != "step"}, **counts}
 
 
-def save_pretrained_folder(
+def write_run_report(
     model: XModalModel,
     processor: XModalProcessor,
     args: PretrainArguments,
     metrics: dict[str, Any],
     evaluation: Dataset,
 ) -> None:
-    """Writes the Hub-ready folder: safetensors weights, config and processor files, the remote-code bundle,
-    metrics.json, the loss curve, a retrieval example picture (top 5 images for the first evaluation caption) and the
-    model card."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
+    """Completes the Hub-ready folder (which already holds the weights, config, processor files and remote-code
+    bundle): metrics.json, the loss curve, a retrieval example picture (top 5 images for the first evaluation
+    caption) and the model card."""
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
         json.dump({"arguments": asdict(args), **metrics}, handle, indent=2)
     plot_retrieval_example(
@@ -817,5 +863,5 @@ __all__ = [
     "optimizer_param_groups",
     "parse_objectives",
     "pretrain",
-    "save_pretrained_folder",
+    "write_run_report",
 ]

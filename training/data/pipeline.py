@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, Value
 
 from .sources import BAD_ROW_MARKER, ImageTextDecoder, load_image_text_dataset, with_lazy_decoding
 from .synthetic import caption_corpus
@@ -72,6 +72,7 @@ class PretrainingData:
     train: Dataset | IterableDataset
     evaluation: Dataset
     corpus: Iterable[str]
+    columns: list[str]  # of the training rows, before decoding (a decoded stream no longer lists them)
 
 
 def _flatten_captions(texts: Iterable[str | list[str]]) -> Iterator[str]:
@@ -89,16 +90,29 @@ def _select_split(dataset: Any, name: str, args: DataArguments) -> Any:
             raise ValueError(
                 f"--split_column {args.split_column!r} is not a column of {args.dataset}; columns: {split.column_names}."
             )
-        return split.filter(lambda value: value == name, input_columns=args.split_column)
+        selected = split.filter(lambda value: value == name, input_columns=args.split_column)
+        if len(selected) == 0:
+            values = sorted({str(value) for value in split.with_format(None)[args.split_column]})
+            raise ValueError(
+                f"No row of {args.dataset} has {args.split_column} == {name!r}; its values: {values[:20]}."
+            )
+        return selected
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         return dataset[name] if name in dataset else None
     return dataset if name == args.train_split else None
 
 
 def _decodable(dataset: Dataset, limit: int) -> Dataset:
-    """The first `limit` rows of `dataset` whose image decodes, lazily decoded."""
+    """The first `limit` rows of `dataset` whose image decodes, lazily decoded. Rows with several captions are
+    evaluated on their first (the same one at every evaluation); all of them stay in `captions` as references."""
     decoder = ImageTextDecoder()
     dataset = dataset.select(range(min(limit, len(dataset))))
+    if not isinstance(dataset.features["text"], Value):
+        keep_all = "captions" not in dataset.column_names
+        dataset = dataset.map(
+            lambda text: {"text": text[0] if text else "", **({"captions": list(text)} if keep_all else {})},
+            input_columns="text",
+        )
     good = [index for index in range(len(dataset)) if decoder.decode_row(dataset[index])[BAD_ROW_MARKER] is None]
     if not good:
         raise ValueError(f"No image of the evaluation split could be decoded ({len(dataset)} rows tried).")
@@ -133,12 +147,16 @@ def load_pretraining_data(args: DataArguments, image_size: int) -> PretrainingDa
         corpus: Iterable[str] = list(caption_corpus(train))
     else:
         corpus = list(_flatten_captions(train.select_columns(["text"])["text"]))
+    columns = list(train.column_names)
     if args.streaming:
         train = train.to_iterable_dataset(num_shards=min(64, len(train))).shuffle(
             seed=args.seed, buffer_size=args.shuffle_buffer_size
         )
     return PretrainingData(
-        train=with_lazy_decoding(train), evaluation=_decodable(evaluation, args.num_eval_examples), corpus=corpus
+        train=with_lazy_decoding(train),
+        evaluation=_decodable(evaluation, args.num_eval_examples),
+        corpus=corpus,
+        columns=columns,
     )
 
 
