@@ -2,7 +2,7 @@
 
     xmodal pretrain [--preset tiny] [--max_steps 300] [--output_dir outputs/xmodal-tiny] ...
     xmodal pretrain config.yaml            # the same options from a YAML or JSON file
-    xmodal evaluate --model outputs/xmodal-tiny
+    xmodal evaluate --model outputs/xmodal-tiny [--linear_probe] [--linear_probe_label_column COLUMN]
     xmodal finetune --task image-classification --model outputs/xmodal-tiny [--output_dir ...]
     xmodal finetune --task vqa --model outputs/xmodal-tiny [--max_steps 500] ...
     xmodal zero-shot IMAGE [IMAGE ...] --labels cat,dog,car --model outputs/xmodal-tiny [--top_k 5]
@@ -42,11 +42,62 @@ class EvaluateArguments(DataArguments):
         default=None, metadata={"help": "Longest caption in tokens (default: the tokenizer's model_max_length)."}
     )
     output_file: str | None = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+    linear_probe: bool = field(
+        default=False,
+        metadata={
+            "help": "Also fit a logistic-regression probe on the frozen image features of training-split rows (L2 "
+            "picked on a held-out fifth of them) and report its accuracy on the evaluation split "
+            "(linear_probe_accuracy, linear_probe_l2, linear_probe_val_accuracy)."
+        },
+    )
+    linear_probe_label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of class labels for the linear probe (default: --zero_shot_label_column, else 'label' "
+            "on the synthetic data)."
+        },
+    )
+    linear_probe_max_train_rows: int = field(
+        default=5000, metadata={"help": "Training-split rows the linear probe is fitted on (the first ones)."}
+    )
+    linear_probe_pooled: bool = field(
+        default=False,
+        metadata={
+            "help": "Probe the image tower's pooled output before the projection (CLIP's protocol) instead of the "
+            "projected, L2-normalised embedding."
+        },
+    )
+    linear_probe_method: str = field(
+        default="lbfgs", metadata={"help": "Optimiser of the probe: lbfgs (full batch) or adamw."}
+    )
+    linear_probe_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache the extracted features here (safetensors), so a second run only fits the probe."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.model or not os.path.isdir(self.model):
             raise ValueError(f"--model must be the folder of a saved xmodal model, got {self.model!r}.")
+        if self.linear_probe:
+            from xmodal.training.linear_probe import PROBE_METHODS
+
+            _check_positive("linear_probe_max_train_rows", self.linear_probe_max_train_rows)
+            if self.linear_probe_method not in PROBE_METHODS:
+                raise ValueError(
+                    f"--linear_probe_method must be one of {', '.join(PROBE_METHODS)}, got {self.linear_probe_method!r}."
+                )
+            if self.probe_label_column() is None:
+                raise ValueError(
+                    f"--linear_probe needs class labels: name their column of {self.dataset} with "
+                    "--linear_probe_label_column COLUMN."
+                )
+
+    def probe_label_column(self) -> str | None:
+        """The linear probe's label column: --linear_probe_label_column, else --zero_shot_label_column, else `label`
+        on the synthetic data (None when none is known)."""
+        synthetic_default = "label" if self.dataset == "synthetic" else None
+        return self.linear_probe_label_column or self.zero_shot_label_column or synthetic_default
 
 
 def _split_list(value: str, separator: str) -> list[str]:
@@ -258,8 +309,12 @@ def _evaluate(argv: list[str]) -> int:
     processor = XModalProcessor.from_pretrained(args.model)
     config = model.config
     max_length = args.max_length or processor.tokenizer.model_max_length
-    # the procedural test scenes do not depend on the training split's size: generate only one training scene
-    data_args = replace(args, num_train_examples=1) if args.dataset == "synthetic" else args
+    # the procedural test scenes do not depend on the training split's size: generate only the training scenes the
+    # linear probe uses (one without it)
+    num_train = args.linear_probe_max_train_rows if args.linear_probe else 1
+    data_args = replace(args, num_train_examples=num_train) if args.dataset == "synthetic" else args
+    if args.linear_probe:
+        data_args = replace(data_args, streaming=False)  # the probe reads training rows by index
     data = load_pretraining_data(data_args, config.vision_config.image_size)
     task = evaluation_task(
         args,
@@ -271,6 +326,25 @@ def _evaluate(argv: list[str]) -> int:
     metrics = evaluate_model(
         model, processor, data.evaluation, task, batch_size=args.batch_size, max_length=max_length
     )
+    if args.linear_probe:
+        from xmodal.training.data.pipeline import _decodable
+        from xmodal.training.linear_probe import linear_probe_evaluation
+
+        train = _decodable(data.train.with_format(None), args.linear_probe_max_train_rows)
+        metrics.update(
+            linear_probe_evaluation(
+                model,
+                processor,
+                train,
+                data.evaluation,
+                args.probe_label_column(),
+                pooled=args.linear_probe_pooled,
+                batch_size=args.batch_size,
+                cache_dir=args.linear_probe_cache_dir,
+                method=args.linear_probe_method,
+                seed=args.seed,
+            )
+        )
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.output_file:
