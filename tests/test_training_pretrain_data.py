@@ -72,7 +72,7 @@ def test_imagefolder_with_split_column_zero_shot_labels_and_bad_rows_counted(tmp
     assert metrics["test_chance_R@1"] == pytest.approx(1 / 8)
     assert 0 <= metrics["test_zero_shot_top1"] <= metrics["test_zero_shot_top5"] == 1.0  # 4 classes
     card = open(os.path.join(args.output_dir, "README.md")).read()
-    assert "Zero-shot top-1 accuracy" in card and folder in card
+    assert "Zero-shot top-1 accuracy" in card and "type: local" in card and folder not in card
 
 
 def test_too_many_bad_rows_stop_the_run_naming_them(tmp_path):

@@ -14,6 +14,7 @@ from .evaluation import (
 )
 from .finetune import FinetuneArguments, finetune
 from .inference import ZeroShotClassifier, index_image_folder, rank_images, rank_texts
+from .linear_probe import LinearProbe, extract_features, fit_linear_probe, linear_probe_evaluation
 from .losses import ContrastiveLoss, GlobalBatch
 from .plots import plot_loss_curve, plot_retrieval_example, retrieval_example_picture
 from .pretrain import (
@@ -37,6 +38,7 @@ __all__ = [
     "GlobalBatch",
     "ImageAugmentation",
     "ImageTextCollator",
+    "LinearProbe",
     "PretrainArguments",
     "TextAugmentation",
     "ZeroShotClassifier",
@@ -46,8 +48,11 @@ __all__ = [
     "evaluate_model",
     "evaluate_retrieval",
     "evaluation_task",
+    "extract_features",
     "finetune",
+    "fit_linear_probe",
     "index_image_folder",
+    "linear_probe_evaluation",
     "load_pretraining_data",
     "make_views",
     "optimizer_param_groups",

@@ -92,7 +92,7 @@ def _objectives_summary(config: XModalConfig, objectives: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def card_eval_results(metrics: dict[str, Any], dataset_name: str) -> list[EvalResult]:
+def card_eval_results(metrics: dict[str, Any], dataset_name: str, dataset_type: str = "synthetic") -> list[EvalResult]:
     """The `model-index` entries of the known metrics in `metrics` (keys `test_<name>` or `validation_<name>` with
     `<name>` in `CARD_METRICS`; other keys are ignored), values x100 rounded to 2 decimals, in `CARD_METRICS`
     order."""
@@ -105,7 +105,7 @@ def card_eval_results(metrics: dict[str, Any], dataset_name: str) -> list[EvalRe
                     EvalResult(
                         task_type=metric.task_type,
                         task_name=metric.task_name,
-                        dataset_type="synthetic",
+                        dataset_type=dataset_type,
                         dataset_name=dataset_name,
                         dataset_split=split,
                         metric_type=metric.metric_type,
@@ -132,6 +132,7 @@ def render_model_card(
     metrics: dict[str, Any],
     repo_id: str = f"{PLACEHOLDER_NAMESPACE}/xmodal-model",
     dataset_name: str = "xmodal procedural shapes",
+    dataset_type: str = "synthetic",
     training_arguments: dict[str, Any] | None = None,
     num_parameters: int | None = None,
     *,
@@ -151,6 +152,7 @@ def render_model_card(
             `objectives`, `train_steps`... the training summary. Unknown keys are ignored.
         repo_id: the Hub repo named in the how-to-use snippet (`push_to_hub` replaces it with the real one).
         dataset_name: the evaluation data, as named in the card and its `model-index`.
+        dataset_type: its `model-index` type (a Hub dataset id, or a short name for local data).
         training_arguments: the run's options, listed under "Training".
         num_parameters: the model's parameter count.
         datasets: Hub dataset ids the model was trained on (`datasets:` metadata).
@@ -161,7 +163,7 @@ def render_model_card(
         loss_curve_image, retrieval_example_image: file names (relative to the card) of the pictures to show.
     """
     model_name = repo_id.split("/")[-1]
-    eval_results = card_eval_results(metrics, dataset_name)
+    eval_results = card_eval_results(metrics, dataset_name, dataset_type)
     architecture = (getattr(config, "architectures", None) or ["XModalModel"])[0]
     card_data = ModelCardData(
         library_name="transformers",

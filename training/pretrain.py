@@ -586,6 +586,10 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     extra_inputs: dict[str, Any] = {}
     if accelerator.num_processes > 1:
         extra_inputs["global_batch"] = GlobalBatch()
+        if config.contrastive_loss_type == "siglip" or args.multiview:
+            accelerator.print(
+                "Note: with SigLIP or second views, the contrastive negatives come from each process's own batch."
+            )
         if config.contrastive_loss_type == "nt_xent" and not args.queue_size and not args.multiview:
             extra_inputs["contrastive_loss_fn"] = ContrastiveLoss(args.label_smoothing)
     logit_scale = accelerator.unwrap_model(model).logit_scale
@@ -802,7 +806,7 @@ def write_run_report(
     bundle): metrics.json, the loss curve, a retrieval example picture (top 5 images for the first evaluation
     caption) and the model card."""
     with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": asdict(args), **metrics}, handle, indent=2)
+        json.dump({"arguments": public_arguments(args), **_public_metrics(metrics, args)}, handle, indent=2)
     plot_retrieval_example(
         model,
         processor,
@@ -812,15 +816,53 @@ def write_run_report(
         max_length=args.max_length,
         show_progress=False,
     )
-    dataset = "the xmodal procedural scenes (embedded)" if args.dataset == "synthetic" else args.dataset
+    synthetic = args.dataset == "synthetic"
+    if synthetic:
+        dataset_name, dataset_type = "the xmodal procedural scenes (embedded)", "synthetic"
+    elif os.path.exists(args.dataset):
+        # local data is named by its base name: the card goes public, the local path means nothing there
+        dataset_name, dataset_type = os.path.basename(os.path.normpath(args.dataset)), "local"
+    else:
+        dataset_name = dataset_type = args.dataset
     write_model_card(
         args.output_dir,
         model.config,
         metrics,
-        dataset_name=dataset,
-        training_arguments=asdict(args),
+        dataset_name=dataset_name,
+        dataset_type=dataset_type,
+        base_model=_base_model(args.text_tower),
+        training_arguments=public_arguments(args),
         num_parameters=model.num_parameters(),
     )
+
+
+_PATH_OPTIONS = ("output_dir", "dataset", "tokenizer", "text_tower")
+
+
+def public_arguments(args: PretrainArguments) -> dict[str, Any]:
+    """The run's options for files that get published (metrics.json, the card): local paths are reduced to their
+    base names, so that a pushed folder does not reveal the machine's directory layout."""
+    values = asdict(args)
+    for name in _PATH_OPTIONS:
+        if values[name] and os.path.exists(values[name]):
+            values[name] = os.path.basename(os.path.normpath(values[name]))
+    return values
+
+
+def _public_metrics(metrics: dict[str, Any], args: PretrainArguments) -> dict[str, Any]:
+    """`metrics` with the dataset's local folder taken out of the bad-row descriptions."""
+    if not os.path.exists(args.dataset):
+        return metrics
+    root = os.path.dirname(os.path.abspath(args.dataset)) + os.sep
+    examples = [example.replace(root, "") for example in metrics.get("bad_row_examples", [])]
+    return {**metrics, "bad_row_examples": examples}
+
+
+def _base_model(text_tower: str | None) -> str | None:
+    """The Hub id of the pretrained text tower, for the card's `base_model` (None for a local folder)."""
+    if text_tower == "minilm":
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return text_tower if text_tower and not os.path.exists(text_tower) else None
 
 
 def format_retrieval_table(metrics: dict[str, Any]) -> str:
@@ -863,5 +905,6 @@ __all__ = [
     "optimizer_param_groups",
     "parse_objectives",
     "pretrain",
+    "public_arguments",
     "write_run_report",
 ]
