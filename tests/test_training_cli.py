@@ -215,6 +215,13 @@ def test_push_calls_push_to_hub(monkeypatch, tmp_path, capsys):
         main(["push", "--folder", str(tmp_path / "nothing"), "--repo_id", "me/tiny"])
     assert exit_info.value.code == 2 and "is not a folder" in capsys.readouterr().err
 
+    def refusing_push_to_hub(folder, repo_id, **kwargs):
+        raise ValueError("No Hugging Face token: set HF_TOKEN or run `hf auth login`.")
+
+    monkeypatch.setitem(sys.modules, "xmodal.training.push", types.SimpleNamespace(push_to_hub=refusing_push_to_hub))
+    assert main(["push", "--folder", str(tmp_path), "--repo_id", "me/tiny"]) == 2
+    assert "xmodal push: No Hugging Face token" in capsys.readouterr().err
+
 
 def test_finetune_command_reads_flags_and_yaml(monkeypatch, tmp_path, capsys):
     finetune_module = importlib.import_module("xmodal.training.finetune")

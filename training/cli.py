@@ -232,7 +232,7 @@ class RetrieveArguments:
 @dataclass
 class PushArguments:
     """Options of `xmodal push`: upload a saved folder (from pretrain or finetune) to the Hugging Face Hub. The token
-    comes from `huggingface-cli login` or the HF_TOKEN environment variable."""
+    comes from the HF_TOKEN environment variable or `hf auth login`."""
 
     folder: str = field(metadata={"help": "The saved folder to upload (weights, processor, remote code, card)."})
     repo_id: str = field(metadata={"help": "Hub repository, e.g. your-name/xmodal-tiny (created if missing)."})
@@ -371,7 +371,11 @@ def _push(argv: list[str]) -> int:
     options = {"private": args.private, "revision": args.revision, "create_pr": args.create_pr}
     if args.commit_message is not None:
         options["commit_message"] = args.commit_message
-    commit = push_to_hub(args.folder, args.repo_id, **options)  # a huggingface_hub CommitInfo: the commit URL
+    try:
+        commit = push_to_hub(args.folder, args.repo_id, **options)  # a huggingface_hub CommitInfo: the commit URL
+    except ValueError as err:  # no token, an incomplete folder, conflicting options
+        print(f"xmodal push: {err}", file=sys.stderr)
+        return 2
     print(f"Pushed {args.folder} to {args.repo_id}: {commit}")
     pr_url = getattr(commit, "pr_url", None)
     if pr_url:
