@@ -244,7 +244,7 @@ def test_finetune_command_reads_flags_and_yaml(monkeypatch, tmp_path, capsys):
     assert main(["finetune", str(config)]) == 0
     assert (seen[-1].batch_size, seen[-1].output_dir) == (4, "somewhere")
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--task", "captioning"])
+        main(["finetune", "--task", "segmentation"])
     assert exit_info.value.code == 2 and "--task must be one of" in capsys.readouterr().err
 
 

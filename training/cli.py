@@ -354,12 +354,11 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _finetune(argv: list[str]) -> int:
-    from xmodal.training.finetune import FinetuneArguments, finetune
+    from xmodal.training.finetune import FinetuneArguments, finetune, summarize_metrics
 
     args = _parse(FinetuneArguments, argv, "xmodal finetune")
     metrics = finetune(args)
-    print(f"\nHeld-out accuracy ({args.task}, {metrics['eval_rows']} rows): {100 * metrics['eval_accuracy']:.1f}%")
-    print(f"Mean training loss {metrics['train_loss']:.3f} over {metrics['train_steps']} steps")
+    print("\n" + summarize_metrics(args.task, metrics))
     print(f"Hub-ready model saved to {args.output_dir}")
     return 0
 
