@@ -611,28 +611,58 @@ class XModalTextEmbeddings(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
-        length = input_ids.shape[1]
+        r"""Embeds token ids, or adds the position (and token type) embeddings to word embeddings computed outside.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): token ids.
+            token_type_ids, position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                word embeddings used instead of `word_embeddings(input_ids)`, e.g. with learnable prompt vectors
+                (CoOp). Give exactly one of `input_ids` and `inputs_embeds`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "Give exactly one of input_ids (token ids of shape (batch_size, sequence_length)) and inputs_embeds "
+                f"(word embeddings of shape (batch_size, sequence_length, {self.config.hidden_size})), got "
+                f"{'both' if input_ids is not None else 'neither'}."
+            )
+        if input_ids is not None:
+            if input_ids.ndim != 2:
+                raise ValueError(
+                    f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}."
+                )
+            if input_ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+                raise ValueError(
+                    f"input_ids contain ids outside [0, vocab_size={self.config.vocab_size}) (min "
+                    f"{int(input_ids.min())}, max {int(input_ids.max())}); the tokenizer does not match the model's "
+                    "text_config.vocab_size."
+                )
+        elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must have shape (batch_size, sequence_length, {self.config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}."
+            )
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         if length > self.config.max_position_embeddings:
             raise ValueError(
                 f"Sequence length {length} exceeds max_position_embeddings={self.config.max_position_embeddings}; "
                 "truncate the text (processor(..., truncation=True, max_length=...))."
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"input_ids contain ids outside [0, vocab_size={self.config.vocab_size}) (min {int(input_ids.min())}, "
-                f"max {int(input_ids.max())}); the tokenizer does not match the model's text_config.vocab_size."
-            )
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(length, device=input_ids.device)[None, :]
-        embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+            position_ids = torch.arange(length, device=inputs_embeds.device)[None, :]
+        embeddings = inputs_embeds + self.position_embeddings(position_ids)
         if self.token_type_embeddings is not None:
             # absent token_type_ids mean segment 0, as in BERT, so outputs agree whether or not a tokenizer sends them
             embeddings = embeddings + (
@@ -644,8 +674,8 @@ class XModalTextEmbeddings(nn.Module):
 
 
 class XModalTextTransformer(nn.Module):
-    """The built-in BERT-style bidirectional text tower: `input_ids` `(B, L)` -> tokens `(B, L, D)` with padding-
-    aware self-attention and a final LayerNorm."""
+    """The built-in BERT-style bidirectional text tower: `input_ids` `(B, L)` (or word embeddings `inputs_embeds`
+    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm."""
 
     def __init__(self, config: XModalTextConfig) -> None:
         super().__init__()
@@ -656,13 +686,25 @@ class XModalTextTransformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        hidden_states = self.embeddings(input_ids, token_type_ids=token_type_ids, position_ids=position_ids)
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for tokens, 0 for
+                padding.
+            token_type_ids, position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                word embeddings instead of `input_ids` (exactly one of the two).
+        """
+        hidden_states = self.embeddings(
+            input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
         mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
         outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states)
         outputs.last_hidden_state = self.final_layer_norm(outputs.last_hidden_state)
@@ -975,7 +1017,11 @@ class XModalMomentumEncoder(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
-        """Writes a batch `(B, projection_dim)` over the oldest queue entries (a ring buffer)."""
+        """Writes a batch `(B, projection_dim)` over the oldest queue entries (a ring buffer). Pairs with a
+        non-finite embedding are left out: one would poison every later loss while it stays queued."""
+        finite = torch.isfinite(image_embeds).all(dim=1) & torch.isfinite(text_embeds).all(dim=1)
+        if not bool(finite.all()):
+            image_embeds, text_embeds = image_embeds[finite], text_embeds[finite]
         size, batch_size = self.image_queue.shape[0], image_embeds.shape[0]
         if batch_size > size:
             image_embeds, text_embeds, batch_size = image_embeds[-size:], text_embeds[-size:], size
@@ -1132,19 +1178,29 @@ class XModalPreTrainedModel(PreTrainedModel):
 
     def _encode_text(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        if input_ids is None:
-            raise ValueError("input_ids is required (an integer tensor of shape (batch_size, sequence_length)).")
-        kwargs = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+        """The text tower's output for token ids `(B, L)` or, instead, word embeddings `inputs_embeds` `(B, L, D)`."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError(
+                "input_ids is required (an integer tensor of shape (batch_size, sequence_length)), or instead "
+                "inputs_embeds (word embeddings of shape (batch_size, sequence_length, text_hidden_size))."
+            )
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("Give exactly one of input_ids and inputs_embeds, not both.")
+        kwargs = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "token_type_ids": token_type_ids,
+            "position_ids": position_ids,
+        }
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        return self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states, **kwargs
-        )
+        return self.text_model(attention_mask=attention_mask, output_hidden_states=output_hidden_states, **kwargs)
 
     def fuse(
         self,
@@ -1253,24 +1309,31 @@ class XModalModel(XModalPreTrainedModel):
     @can_return_tuple
     def get_text_features(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPooling:
         r"""Projected text embeddings.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for tokens,
                 0 for padding.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, text_hidden_size)`,
+                *optional*): word embeddings used instead of `input_ids` (e.g. learnable prompt vectors followed by
+                the embeddings of a class name, as in CoOp); the tower adds its position embeddings. Give exactly one
+                of `input_ids` and `inputs_embeds`.
 
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
             unnormalised text embedding.
         """
-        outputs = self._encode_text(input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states)
+        outputs = self._encode_text(
+            input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds
+        )
         pooled = _pool(outputs.last_hidden_state, self.config.text_pooling, attention_mask)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
@@ -1467,7 +1530,7 @@ class XModalImageTextRetrievalOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
 
 
-class GlobalBatch(Protocol):
+class BatchGatherer(Protocol):
     """What the training code passes as `global_batch` so that objectives draw negatives from every process's batch
     (the model itself never calls `torch.distributed`; `xmodal.training.losses.GlobalBatch` implements this).
 
@@ -1481,7 +1544,7 @@ class GlobalBatch(Protocol):
 
 
 class _LocalBatch:
-    """The single-process `GlobalBatch`: nothing to gather."""
+    """The single-process `BatchGatherer`: nothing to gather."""
 
     rank = 0
 
@@ -1492,7 +1555,8 @@ class _LocalBatch:
 def _caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One int64 key per caption `(B,)`, equal for identical captions whatever their padding (a position-weighted sum
     of the token ids, wrapping around; a collision only removes a candidate negative)."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.long)
+    # positions among the real tokens, so that left and right padding give the same key
+    positions = attention_mask.long().cumsum(dim=1) - 1
     weights = positions * 6364136223846793005 + 1442695040888963407  # Knuth's MMIX LCG constants
     return ((input_ids.long() * attention_mask.long() + 1) * weights * attention_mask.long()).sum(dim=1)
 
@@ -1526,7 +1590,7 @@ def _itm_inputs(
     input_ids: torch.Tensor,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
-    global_batch: GlobalBatch,
+    global_batch: BatchGatherer,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The image-text matching pairs of this process's B texts and images, with negatives sampled by `_itm_pairs` from
     the global batch of M = N x B pairs (M = B on one process):
@@ -2031,7 +2095,7 @@ class XModalForPreTraining(XModalModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
-        global_batch: GlobalBatch,
+        global_batch: BatchGatherer,
     ) -> torch.Tensor:
         """InfoNCE where each positive (from the momentum encoders) competes with the global batch's other momentum
         embeddings and the K queued ones (ALBEF): per direction, logits `(B, M + K)` (M = N x B pairs over N
@@ -2069,7 +2133,7 @@ class XModalForPreTraining(XModalModel):
         second_view_input_ids: torch.Tensor | None,
         second_view_attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
-        global_batch: GlobalBatch,
+        global_batch: BatchGatherer,
     ) -> torch.Tensor:
         """The cross-modal loss averaged over every (image view, text view) combination, plus
         `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two."""
@@ -2126,7 +2190,7 @@ class XModalForPreTraining(XModalModel):
         question_attention_mask: torch.Tensor | None = None,
         vqa_labels: torch.Tensor | None = None,
         contrastive_loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        global_batch: GlobalBatch | None = None,
+        global_batch: BatchGatherer | None = None,
         interpolate_pos_encoding: bool = False,
     ) -> XModalForPreTrainingOutput:
         r"""One multi-task pretraining step on image-text pairs (image i with text i).
@@ -2153,7 +2217,7 @@ class XModalForPreTraining(XModalModel):
                 logit_scale)` (normalised `(B, D)` embeddings, the clamped exp(logit_scale)), e.g.
                 `xmodal.training.losses.ContrastiveLoss`, which gathers the global batch across processes; not
                 combinable with the momentum queue or second views.
-            global_batch (*optional*): gathers tensors from every process ([`GlobalBatch`], e.g.
+            global_batch (*optional*): gathers tensors from every process ([`BatchGatherer`], e.g.
                 `xmodal.training.losses.GlobalBatch`), so that ITM negatives and the momentum queue's in-batch
                 negatives come from the global batch and the queue receives it; the local batch by default.
 

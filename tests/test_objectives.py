@@ -451,8 +451,10 @@ def test_caption_keys_ignore_padding_and_tell_captions_apart():
     mask = (input_ids != 0).long()
     keys = _caption_keys(input_ids, mask)
     assert keys[0] == keys[1] and len({int(k) for k in keys[1:]}) == 3
-    # the same caption padded to another length has the same key
+    # the same caption padded to another length, or on the left, has the same key
     assert _caption_keys(input_ids[:1, :4], mask[:1, :4]) == keys[0]
+    left = torch.tensor([[0, 0, 2, 7, 8, 3]])
+    assert _caption_keys(left, (left != 0).long()) == keys[0]
 
 
 def test_itm_pairs_never_pick_same_caption():
