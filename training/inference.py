@@ -1,5 +1,6 @@
-"""Inference with a pretrained xmodal model: zero-shot image classification with prompt ensembles (CLIP), and
-text <-> image retrieval over a folder of images with an on-disk embedding cache.
+"""Inference with a pretrained xmodal model: zero-shot image classification with prompt ensembles (CLIP) or learned
+prompts (CoOp, see `xmodal.training.prompt_learning`), and text <-> image retrieval over a folder of images with an
+on-disk embedding cache.
 
 ```python
 >>> classifier = ZeroShotClassifier(model, processor, ["cat", "dog", "car"])  # embeds the labels once
@@ -24,7 +25,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import PIL.Image
 import PIL.ImageOps
@@ -34,6 +35,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from xmodal import XModalModel, XModalProcessor
+
+if TYPE_CHECKING:
+    from xmodal.training.prompt_learning import PromptLearner
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +186,13 @@ def check_templates(templates: str | Sequence[str]) -> tuple[str, ...]:
     return templates
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def check_labels(labels: Sequence[str]) -> list[str]:
+    """The class labels as a list.
+
+    Raises:
+        TypeError: `labels` is a single string.
+        ValueError: no label, an empty or non-string label, or duplicates.
+    """
     if isinstance(labels, str):
         raise TypeError(f"labels must be a sequence of strings, not the single string {labels!r}.")
     labels = list(labels)
@@ -211,7 +221,7 @@ def ensemble_text_embeddings(
     Returns:
         `torch.FloatTensor` of shape `(len(labels), projection_dim)`, unit rows.
     """
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     templates = check_templates(templates)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
     embeddings = embed_texts(model, processor, prompts, batch_size=batch_size, max_length=max_length)
@@ -221,7 +231,7 @@ def ensemble_text_embeddings(
 
 class ZeroShotClassifier:
     """Zero-shot image classification over a fixed set of labels: the labels are embedded once (with a prompt
-    ensemble), then every batch of images costs only the image tower.
+    ensemble, or with learned prompts), then every batch of images costs only the image tower.
 
     Probabilities are the softmax over the labels of the model's scaled similarities `model.logits` (the learned
     temperature, clamped as in training, and the SigLIP bias when the model has one).
@@ -231,9 +241,21 @@ class ZeroShotClassifier:
         processor: its `XModalProcessor`.
         labels: the class names, distinct.
         templates: prompt templates with a `{}` placeholder (a string is a single template); default
-            `DEFAULT_TEMPLATES`.
+            `DEFAULT_TEMPLATES`. Not with `prompts`.
         batch_size: images (and prompts) per forward pass.
         max_length: longest prompt in tokens (default: the tokenizer's `model_max_length`).
+        prompts: learned prompts (a `PromptLearner` from `xmodal.training.prompt_learning.train_prompts` or
+            `load_prompts`) that replace the template ensemble: each label is embedded as its learned prompt. Labels
+            other than the learner's class names need a shared context (see `PromptLearner.with_class_names`).
+
+    Attributes:
+        labels: the labels, in probability order.
+        templates: the templates of the ensemble (None with learned prompts).
+        prompts: the learned prompts for `labels` (None with templates).
+        label_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`): unit label embeddings.
+
+    Raises:
+        ValueError: bad labels or templates, both `templates` and `prompts`, or prompts learned on another text tower.
 
     Example:
 
@@ -241,6 +263,7 @@ class ZeroShotClassifier:
     >>> classifier = ZeroShotClassifier(model, processor, ["circle", "square"], templates="a {} shape.")
     >>> classifier(images).shape  # probabilities
     torch.Size([len(images), 2])
+    >>> learned = ZeroShotClassifier(model, processor, ["circle", "square"], prompts=load_prompts(folder, model))
     ```
     """
 
@@ -249,19 +272,36 @@ class ZeroShotClassifier:
         model: XModalModel,
         processor: XModalProcessor,
         labels: Sequence[str],
-        templates: str | Sequence[str] = DEFAULT_TEMPLATES,
+        templates: str | Sequence[str] | None = None,
         batch_size: int = 32,
         max_length: int | None = None,
+        prompts: PromptLearner | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
-        self.labels = _check_labels(labels)
-        self.templates = check_templates(templates)
+        self.labels = check_labels(labels)
         self.batch_size = batch_size
-        self.label_embeddings = ensemble_text_embeddings(
-            model, processor, self.labels, self.templates, batch_size=batch_size, max_length=max_length
-        )
-        """`(num_labels, projection_dim)` unit embeddings of the labels."""
+        self.prompts = prompts
+        if prompts is None:
+            self.templates: tuple[str, ...] | None = check_templates(
+                DEFAULT_TEMPLATES if templates is None else templates
+            )
+            self.label_embeddings = ensemble_text_embeddings(
+                model, processor, self.labels, self.templates, batch_size=batch_size, max_length=max_length
+            )
+        else:
+            if templates is not None:
+                raise ValueError(
+                    "Give either prompt templates or learned prompts (prompts=), not both: learned prompts replace "
+                    "the template ensemble."
+                )
+            self.templates = None
+            prompts.check_model(model)
+            if prompts.class_names != self.labels:
+                self.prompts = prompts = prompts.with_class_names(processor, self.labels)
+            model.eval()
+            with torch.no_grad():
+                self.label_embeddings = prompts(model).float().cpu()
 
     @torch.no_grad()
     def __call__(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -313,6 +353,19 @@ def _without_provenance(value: object) -> object:
     return value
 
 
+def _config_bytes(config: dict) -> bytes:
+    """A config dict as canonical JSON, less the provenance keys."""
+    return json.dumps(_without_provenance(config), sort_keys=True, default=str).encode()
+
+
+def _hash_tensors(digest: hashlib.blake2b, tensors: dict[str, torch.Tensor]) -> None:
+    """Feeds named tensors (name, dtype, size and bytes, by name) to `digest`."""
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+
+
 def embedding_fingerprint(model: torch.nn.Module, processor: XModalProcessor) -> str:
     """A hex digest identifying what image embeddings depend on: every weight and buffer of the model, its config
     (less provenance such as `_name_or_path`) and the image processor's settings. A model gets the same fingerprint
@@ -320,12 +373,29 @@ def embedding_fingerprint(model: torch.nn.Module, processor: XModalProcessor) ->
     digest = hashlib.blake2b(digest_size=20)
     config = getattr(model, "config", None)
     if config is not None:
-        digest.update(json.dumps(_without_provenance(config.to_dict()), sort_keys=True, default=str).encode())
+        digest.update(_config_bytes(config.to_dict()))
     digest.update(processor.image_processor.to_json_string().encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    _hash_tensors(digest, model.state_dict())
+    return digest.hexdigest()
+
+
+def text_fingerprint(model: XModalModel) -> str:
+    """A hex digest identifying what text embeddings depend on: the text tower's config, `projection_dim`,
+    `text_pooling` and the weights of the text tower and its projection (not the image tower). Any change of these
+    (another model, further training) changes it; where the model was loaded from does not."""
+    config = model.config
+    text_config = {
+        "text_config": config.text_config.to_dict(),
+        "projection_dim": config.projection_dim,
+        "text_pooling": config.text_pooling,
+    }
+    tensors = {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if name.startswith(("text_model.", "text_projection."))
+    }
+    digest = hashlib.blake2b(_config_bytes(text_config), digest_size=20)
+    _hash_tensors(digest, tensors)
     return digest.hexdigest()
 
 
@@ -488,6 +558,7 @@ __all__ = [
     "ImageFolderIndex",
     "ImageInput",
     "ZeroShotClassifier",
+    "check_labels",
     "check_templates",
     "embed_images",
     "embed_texts",
@@ -498,4 +569,5 @@ __all__ = [
     "load_image",
     "rank_images",
     "rank_texts",
+    "text_fingerprint",
 ]
