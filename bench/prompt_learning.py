@@ -140,11 +140,20 @@ DATASETS: dict[str, Dataset] = {
 }
 
 
+def _test_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Pretraining's own evaluation (retrieval and zero-shot on its held-out rows) from its metrics."""
+    return {key: metrics[key] for key in sorted(metrics) if key.startswith("test_") and "examples" not in key}
+
+
 def pretrained_model(name: str, args: argparse.Namespace) -> tuple[XModalModel, XModalProcessor, dict[str, Any]]:
-    """The model given with --<name>_model, else one pretrained contrastively here (and how it was made)."""
+    """The model given with --<name>_model (with its metrics.json's evaluation, if any), else one pretrained
+    contrastively here; and how it was made."""
     folder = getattr(args, f"{name}_model")
-    info: dict[str, Any] = {"source": folder}
-    if folder is None:
+    if folder is not None:
+        metrics_file = Path(folder) / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        info = {"source": folder, **_test_metrics(metrics)}
+    else:
         folder = str(Path(args.work_dir) / name)
         fields = {
             "output_dir": folder,
@@ -166,7 +175,7 @@ def pretrained_model(name: str, args: argparse.Namespace) -> tuple[XModalModel, 
             "pretrain_steps": args.pretrain_steps,
             "batch_size": args.batch_size,
             "pretrain_seconds": round(time.perf_counter() - start, 1),
-            **{key: metrics[key] for key in sorted(metrics) if key.startswith("test_") and "examples" not in key},
+            **_test_metrics(metrics),
         }
     return XModalModel.from_pretrained(folder).eval(), XModalProcessor.from_pretrained(folder), info
 

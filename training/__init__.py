@@ -27,6 +27,7 @@ from .pretrain import (
     parse_objectives,
     pretrain,
 )
+from .prompt_learning import PromptLearner, load_prompts, train_prompts
 from .push import push_to_hub
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "ImageTextCollator",
     "LinearProbe",
     "PretrainArguments",
+    "PromptLearner",
     "TextAugmentation",
     "ZeroShotClassifier",
     "build_config",
@@ -54,6 +56,7 @@ __all__ = [
     "index_image_folder",
     "linear_probe_evaluation",
     "load_pretraining_data",
+    "load_prompts",
     "make_views",
     "optimizer_param_groups",
     "parse_objectives",
@@ -66,5 +69,6 @@ __all__ = [
     "render_model_card",
     "retrieval_example_picture",
     "retrieval_metrics",
+    "train_prompts",
     "write_model_card",
 ]
