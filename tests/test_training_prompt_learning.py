@@ -318,3 +318,21 @@ def test_bench_runs_on_tiny_sizes(tmp_path, monkeypatch):
         assert [row["shots"] for row in task["few_shot"]] == [1, 1, 1, 2, 2, 2]
         assert all(len(row["accuracies"]) == 2 and 0 <= row["median_accuracy"] <= 1 for row in task["few_shot"])
     assert "| synthetic: shape, 6 classes (24) | CoOp, shared context |" in bench.markdown_table(result)
+
+
+def test_zero_shot_command_uses_learned_prompts(tiny, tmp_path, capsys):
+    from xmodal.training.cli import main
+
+    model, processor, folder = tiny
+    images, labels = [solid(colour) for colour in COLOURS], list(range(len(COLOURS)))
+    learner = train_prompts(model, processor, images, labels, COLOURS, class_specific=True, steps=10)
+    prompts = learner.save_prompts(tmp_path / "prompts.safetensors")
+    image = tmp_path / "red.png"
+    images[0].save(image)
+    assert main(["zero-shot", str(image), "--model", str(folder), "--prompts", str(prompts), "--top_k", "2"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    expected = ZeroShotClassifier(model, processor, COLOURS, prompts=learner).classify([image], top_k=2)[0]
+    assert [row.split()[1] for row in rows] == [label for label, _ in expected]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["zero-shot", str(image), "--model", str(folder), "--prompts", str(prompts), "--templates", "a {}."])
+    assert exit_info.value.code == 2 and "not both" in capsys.readouterr().err

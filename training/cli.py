@@ -141,6 +141,13 @@ class ZeroShotArguments:
             "(one template is fine; default: a generic ensemble of 7)."
         },
     )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Learned prompts (CoOp): a prompts .safetensors file, or a folder holding xmodal_prompts.safetensors; "
+            "--labels then defaults to their classes. Not with --templates."
+        },
+    )
     top_k: int = field(default=5, metadata={"help": "Labels to print per image."})
     batch_size: int = field(default=32, metadata={"help": "Images (and prompts) per forward pass."})
 
@@ -150,7 +157,10 @@ class ZeroShotArguments:
         missing = [image for image in self.images if not os.path.isfile(image)]
         if missing:
             raise ValueError(f"Image files not found: {', '.join(missing)}.")
-        self.label_list()
+        if self.prompts is not None and self.templates is not None:
+            raise ValueError("Give either --prompts (learned prompts) or --templates, not both.")
+        if self.prompts is None or self.labels is not None or self.labels_file is not None:
+            self.label_list()
         self.template_list()
         _check_positive("top_k", self.top_k)
         _check_positive("batch_size", self.batch_size)
@@ -407,9 +417,17 @@ def _zero_shot(argv: list[str]) -> int:
     from xmodal.training.inference import ZeroShotClassifier
 
     model, processor = _load_model(args.model)
-    classifier = ZeroShotClassifier(
-        model, processor, args.label_list(), args.template_list(), batch_size=args.batch_size
-    )
+    if args.prompts is not None:
+        from xmodal.training.prompt_learning import load_prompts
+
+        learner = load_prompts(args.prompts, model)
+        given = args.labels is not None or args.labels_file is not None
+        labels = args.label_list() if given else learner.class_names
+        classifier = ZeroShotClassifier(model, processor, labels, prompts=learner, batch_size=args.batch_size)
+    else:
+        classifier = ZeroShotClassifier(
+            model, processor, args.label_list(), args.template_list(), batch_size=args.batch_size
+        )
     for index, (image, ranked) in enumerate(zip(args.images, classifier.classify(args.images, top_k=args.top_k))):
         rows = [(str(rank), label, f"{probability:.4f}") for rank, (label, probability) in enumerate(ranked, 1)]
         print(("\n" if index else "") + image)
