@@ -89,3 +89,13 @@ def shared_data() -> Path:
             pytest.fail(f"CI=true but the shared data folder {SHARED_DATA} is missing.")
         pytest.skip(f"shared data folder {SHARED_DATA} not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The folder of a tiny saved xmodal model and processor (the fine-tuning tests' starting point)."""
+    from test_training_inference import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("pretrained")
+    save_tiny_model(folder)
+    return str(folder)

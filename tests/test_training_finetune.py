@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 from safetensors.torch import load_file
-from test_training_inference import save_tiny_model, solid
+from test_training_inference import solid
 from transformers import TrainingArguments
 
 from xmodal import (
@@ -49,13 +49,6 @@ from xmodal.training.finetune import (
 from xmodal.training.losses import ContrastiveLoss
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("pretrained")
-    save_tiny_model(folder)
-    return str(folder)
 
 
 def _args(pretrained: str, tmp_path, **overrides: object) -> FinetuneArguments:

@@ -11,7 +11,8 @@ import os
 
 import pytest
 import torch
-from test_training_inference import save_tiny_model, solid
+from test_training_finetune import _args as finetune_args
+from test_training_inference import solid
 
 from xmodal import (
     XModalConfig,
@@ -39,13 +40,6 @@ if os.environ.get("CI") == "true":
     import peft  # CI installs the `peft` extra: its absence must fail the run, not skip it
 else:
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'xmodal[peft]')")
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
-    folder = tmp_path_factory.mktemp("pretrained")
-    save_tiny_model(folder)
-    return str(folder)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[str]:
@@ -160,19 +154,8 @@ def test_lora_adapter_trains_alone_saves_and_reloads_to_the_same_outputs(pretrai
 
 
 def _args(pretrained: str, tmp_path, **overrides: object) -> FinetuneArguments:
-    values: dict[str, object] = {
-        "model": pretrained,
-        "output_dir": str(tmp_path / "finetuned"),
-        "num_train_examples": 16,
-        "num_eval_examples": 8,
-        "max_steps": 3,
-        "batch_size": 4,
-        "eval_batch_size": 8,
-        "logging_steps": 1,
-        "lora_r": 4,
-        "learning_rate": 1e-3,
-    }
-    return FinetuneArguments(**{**values, **overrides})
+    """The fine-tuning tests' tiny run, with LoRA (rank 4) and a learning rate that suits adapters."""
+    return finetune_args(pretrained, tmp_path, **{"lora_r": 4, "learning_rate": 1e-3, **overrides})
 
 
 def test_classification_recipe_with_lora_saves_the_adapter_and_the_merged_model(pretrained, tmp_path):
