@@ -19,6 +19,7 @@ Reported: text->image and image->text Recall@1/5/10 among the test rows, and pro
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_result  # noqa: E402
+from common import RESULTS_DIR, machine, write_result  # noqa: E402
 
 from xmodal import XModalForPreTraining, XModalProcessor  # noqa: E402
 from xmodal.training import PretrainArguments, evaluate_model, evaluation_task, pretrain  # noqa: E402
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = run_variant(name, args.steps, args.batch_size, os.path.join(scratch, name), args.data)
             print(name, {key: round(value, 3) for key, value in results[name].items()}, flush=True)
     payload = {"machine": machine(), "steps": args.steps, "batch_size": args.batch_size, "results": results}
+    previous = RESULTS_DIR / "emoji_transfer.json"
+    if not args.no_write and previous.is_file():
+        # A run of some variants keeps the others' figures when they were measured at the same budget.
+        earlier = json.loads(previous.read_text(encoding="utf-8"))
+        if (earlier.get("steps"), earlier.get("batch_size")) == (args.steps, args.batch_size):
+            payload["results"] = {**earlier["results"], **results}
     if not args.no_write:
         write_result("emoji_transfer", payload)
     return payload
