@@ -50,8 +50,47 @@ def _check_probability(config: PreTrainedConfig, *names: str) -> None:
             raise ValueError(f"{type(config).__name__}.{name} must be a float in [0, 1), got {value!r}.")
 
 
+# the weight dtypes a config may name (transformers turns the name into `getattr(torch, name)`)
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "float", "half", "double", "float8_e4m3fn", "float8_e5m2")
+
+
+def _check_dtype(config: PreTrainedConfig) -> None:
+    """`dtype` must be None, a weight dtype name, a torch dtype or a dict of them (checked before transformers
+    converts it, which would fail with an AttributeError)."""
+    value = config.dtype
+    if value is None:
+        return
+    for item in value.values() if isinstance(value, dict) else [value]:
+        if type(item).__name__ != "dtype" and (not isinstance(item, str) or item not in _DTYPE_NAMES):
+            raise ValueError(
+                f"{type(config).__name__}.dtype must be None, one of {', '.join(_DTYPE_NAMES)} or a dict of these "
+                f"(per module), got {value!r}."
+            )
+
+
+def _check_number(config: PreTrainedConfig, *names: str, non_negative: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or (non_negative and value < 0)
+        ):
+            kind = "a finite non-negative number" if non_negative else "a finite number"
+            raise ValueError(f"{type(config).__name__}.{name} must be {kind}, got {value!r}.")
+
+
+def _check_bool(config: PreTrainedConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{type(config).__name__}.{name} must be true or false, got {value!r}.")
+
+
 def _check_transformer_dims(config: PreTrainedConfig) -> None:
-    """Shared checks of every transformer stack: positive sizes, heads dividing the width, a known activation."""
+    """Shared checks of every transformer stack: positive sizes, heads dividing the width, a known activation, a
+    non-negative initialiser range."""
     _check_positive_int(config, "hidden_size", "intermediate_size", "num_attention_heads")
     _check_positive_int(config, "num_hidden_layers", allow_zero=isinstance(config, XModalCrossConfig))
     if config.hidden_size % config.num_attention_heads != 0:
@@ -59,13 +98,15 @@ def _check_transformer_dims(config: PreTrainedConfig) -> None:
             f"{type(config).__name__}.hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
             f"({config.num_attention_heads})."
         )
-    if config.hidden_act not in ACT2FN:
+    if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
         raise ValueError(
             f"{type(config).__name__}.hidden_act {config.hidden_act!r} is unknown; accepted: {sorted(ACT2FN)}."
         )
-    if not isinstance(config.layer_norm_eps, (int, float)) or config.layer_norm_eps <= 0:
+    eps = config.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"{type(config).__name__}.layer_norm_eps must be positive, got {config.layer_norm_eps!r}.")
     _check_probability(config, "hidden_dropout_prob", "attention_dropout")
+    _check_number(config, "initializer_range", non_negative=True)
 
 
 class XModalVisionConfig(PreTrainedConfig):
@@ -104,6 +145,7 @@ class XModalVisionConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
         _check_positive_int(self, "num_channels", "image_size", "patch_size")
@@ -144,11 +186,16 @@ class XModalTextConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
         _check_positive_int(self, "vocab_size", "max_position_embeddings")
         _check_positive_int(self, "type_vocab_size", allow_zero=True)
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if self.pad_token_id is not None and (
+            isinstance(self.pad_token_id, bool)
+            or not isinstance(self.pad_token_id, int)
+            or not 0 <= self.pad_token_id < self.vocab_size
+        ):
             raise ValueError(
                 f"XModalTextConfig.pad_token_id ({self.pad_token_id}) must be in [0, vocab_size={self.vocab_size})."
             )
@@ -184,6 +231,7 @@ class XModalCrossConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _check_dtype(self)
         super().__post_init__(**kwargs)
         if self.direction not in FUSION_DIRECTIONS:
             raise ValueError(
@@ -225,6 +273,7 @@ class XModalDecoderConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
         _check_positive_int(self, "vocab_size", "max_position_embeddings")
@@ -258,11 +307,29 @@ def _tower_config(
     value = dict(value)
     model_type = value.pop("model_type", default_class.model_type)
     if model_type == default_class.model_type:
-        return default_class(**value)
+        return _sub_config(default_class, value, field)
     try:
         return AutoConfig.for_model(model_type, **value)
     except ValueError as err:
         raise ValueError(f"XModalConfig.{field} has an unknown model_type {model_type!r}: {err}") from err
+
+
+def _sub_config(config_class: type[PreTrainedConfig], fields: dict, field: str) -> PreTrainedConfig:
+    """`config_class(**fields)`, with an error naming the field of XModalConfig (e.g. `vision_config`) it came from."""
+    try:
+        return config_class(**fields)
+    except (ValueError, TypeError) as err:
+        raise (TypeError if isinstance(err, TypeError) else ValueError)(f"XModalConfig.{field}: {err}") from err
+
+
+def _config_file(source: object) -> str:
+    """How to name the config being loaded in an error: its config.json for a local folder, else the name given."""
+    if not source:
+        return "(built from a dict)"
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return repr(os.path.join(source, "config.json"))
+    return repr(source) if source.endswith(".json") else f"{source!r} (config.json)"
 
 
 class XModalConfig(PreTrainedConfig):
@@ -370,15 +437,32 @@ class XModalConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        _check_dtype(self)
         self.vision_config = _tower_config(self.vision_config, XModalVisionConfig, "vision_config")
         self.text_config = _tower_config(self.text_config, XModalTextConfig, "text_config")
+        for field in ("cross_config", "decoder_config", "mim_decoder_config"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, (dict, PreTrainedConfig)):
+                raise TypeError(
+                    f"XModalConfig.{field} must be a PreTrainedConfig, a dict or None, got {type(value).__name__}."
+                )
         if isinstance(self.cross_config, dict):
-            self.cross_config = XModalCrossConfig(**{k: v for k, v in self.cross_config.items() if k != "model_type"})
+            self.cross_config = _sub_config(XModalCrossConfig, _fields(self.cross_config), "cross_config")
         # the decoders' defaults follow the towers and the fusion module; a dict overrides only the fields it names
         if not isinstance(self.decoder_config, PreTrainedConfig):
-            self.decoder_config = self._default_decoder_config(**_fields(self.decoder_config))
+            try:
+                self.decoder_config = self._default_decoder_config(**_fields(self.decoder_config))
+            except (ValueError, TypeError) as err:
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                    f"XModalConfig.decoder_config: {err}"
+                ) from err
         if not isinstance(self.mim_decoder_config, PreTrainedConfig):
-            self.mim_decoder_config = self._default_mim_decoder_config(**_fields(self.mim_decoder_config))
+            try:
+                self.mim_decoder_config = self._default_mim_decoder_config(**_fields(self.mim_decoder_config))
+            except (ValueError, TypeError) as err:
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                    f"XModalConfig.mim_decoder_config: {err}"
+                ) from err
         if self.special_token_ids is None:
             self.special_token_ids = sorted(
                 {token for token in (getattr(self.text_config, "pad_token_id", None), 2, 3, self.mask_token_id)}
@@ -386,12 +470,16 @@ class XModalConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
         _check_positive_int(self, "projection_dim")
-        if not isinstance(self.logit_scale_init_value, (int, float)) or not math.isfinite(self.logit_scale_init_value):
+        _check_number(self, "logit_scale_init_value")
+        if (
+            isinstance(self.max_logit_scale, bool)
+            or not isinstance(self.max_logit_scale, (int, float))
+            or not math.isfinite(self.max_logit_scale)
+            or self.max_logit_scale <= 0
+        ):
             raise ValueError(
-                f"XModalConfig.logit_scale_init_value must be finite, got {self.logit_scale_init_value!r}."
+                f"XModalConfig.max_logit_scale must be a finite positive number, got {self.max_logit_scale!r}."
             )
-        if not isinstance(self.max_logit_scale, (int, float)) or self.max_logit_scale <= 0:
-            raise ValueError(f"XModalConfig.max_logit_scale must be positive, got {self.max_logit_scale!r}.")
         for field in ("vision_pooling", "text_pooling"):
             if getattr(self, field) not in POOLING_MODES:
                 raise ValueError(
@@ -411,6 +499,15 @@ class XModalConfig(PreTrainedConfig):
                 f"XModalConfig.mim_source {self.mim_source!r} is unknown; accepted: {', '.join(MIM_SOURCES)}."
             )
         _check_probability(self, "label_smoothing", "mlm_probability")
+        _check_number(self, "logit_bias_init_value")
+        _check_number(self, "initializer_range", non_negative=True)
+        _check_bool(self, "save_queue", "itm_hard_negatives", "mim_norm_pix_loss", "tie_word_embeddings")
+        if not isinstance(self.special_token_ids, list) or not all(
+            isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in self.special_token_ids
+        ):
+            raise ValueError(
+                f"XModalConfig.special_token_ids must be a list of non-negative token ids, got {self.special_token_ids!r}."
+            )
         for field in ("mim_mask_ratio", "momentum"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
@@ -457,6 +554,39 @@ class XModalConfig(PreTrainedConfig):
             "num_attention_heads": cross.num_attention_heads,
         }
         return XModalDecoderConfig(**{**defaults, **fields})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> XModalConfig:
+        """`PreTrainedConfig.from_pretrained`; an invalid field raises a `ValueError`/`TypeError` naming the config
+        file and the field (see `from_dict`)."""
+        kwargs.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> XModalConfig:
+        """`PreTrainedConfig.from_dict`, with errors that name the config file (when loading one: `from_pretrained`,
+        `AutoConfig`, `AutoModel`) and the field, e.g. `Invalid xmodal config '/ckpt/config.json':
+        XModalConfig.vision_config: XModalVisionConfig.hidden_size must be a positive integer, got 'abc'.`
+
+        Raises:
+            TypeError: if the file does not hold a JSON object, or a field has the wrong type.
+            ValueError: if a field has an invalid value (negative size, heads not dividing the width, ...).
+        """
+        source = kwargs.get("name_or_path") or (
+            config_dict.get("_name_or_path") if isinstance(config_dict, dict) else None
+        )
+        where = _config_file(source)
+        if not isinstance(config_dict, dict):
+            raise TypeError(
+                f"Invalid xmodal config {where}: it must hold a JSON object of config fields, got a "
+                f"{type(config_dict).__name__}."
+            )
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise (TypeError if isinstance(err, TypeError) else ValueError)(
+                f"Invalid xmodal config {where}: {err}"
+            ) from err
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads

@@ -2,7 +2,7 @@
 contrastive projection, with transformers' attention interface, gradient checkpointing and safetensors weights.
 
 This file is part of the remote-code bundle pushed to the Hub: it imports only the standard library, torch,
-transformers and its siblings.
+transformers, safetensors and its siblings.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -42,6 +44,203 @@ from xmodal.configuration.configuration_xmodal import (
 )
 
 logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input checks at the model boundary: shapes and dtypes, plus one device sync for the range of the token ids
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_pixel_values(pixel_values: object, num_channels: int | None) -> None:
+    """Raise a `TypeError`/`ValueError` naming the problem unless `pixel_values` is a non-empty floating-point tensor
+    of shape `(batch_size, num_channels, height, width)`. Values are not inspected (no device sync)."""
+    if pixel_values is None:
+        raise ValueError("pixel_values is required (a float tensor of shape (batch_size, 3, height, width)).")
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor of shape (batch_size, num_channels, height, width), got a "
+            f"{type(pixel_values).__name__}; convert images with the processor (return_tensors='pt')."
+        )
+    channels = num_channels if num_channels is not None else "num_channels"
+    if pixel_values.ndim != 4 or (num_channels is not None and pixel_values.shape[1] != num_channels):
+        hint = ""
+        if pixel_values.ndim == 4 and pixel_values.shape[-1] == num_channels:
+            hint = " It looks channels-last: use pixel_values.permute(0, 3, 1, 2)."
+        elif pixel_values.ndim == 3:
+            hint = " A single image needs a batch dimension: use pixel_values[None]."
+        raise ValueError(
+            f"pixel_values must have shape (batch_size, {channels}, height, width), got "
+            f"{tuple(pixel_values.shape)}.{hint}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor of normalised pixels, got dtype {pixel_values.dtype}: "
+            "raw integer or boolean pixels must go through the image processor first."
+        )
+    if 0 in pixel_values.shape:
+        raise ValueError(
+            f"pixel_values is empty (shape {tuple(pixel_values.shape)}): a batch needs at least one image of at least "
+            "one pixel."
+        )
+
+
+def _check_text_inputs(
+    config: PreTrainedConfig,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor | None,
+) -> None:
+    """Raise a `TypeError`/`ValueError` naming the problem for text inputs the text tower (`config`, any model type)
+    cannot take: non-tensors, wrong ranks or dtypes, an empty batch or sequence, a mask or ids of another shape than
+    `input_ids` `(batch_size, sequence_length)`, a sequence longer than `max_position_embeddings`, and ids outside
+    the embedding tables (one device sync for all id tensors together)."""
+    named = {
+        "input_ids": input_ids,
+        "inputs_embeds": inputs_embeds,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+        "position_ids": position_ids,
+    }
+    for name, value in named.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got a {type(value).__name__}; tokenize with the processor "
+                "(return_tensors='pt')."
+            )
+    for name in ("input_ids", "token_type_ids", "position_ids"):
+        value = named[name]
+        if value is not None and value.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an integer tensor (int64 or int32), got dtype {value.dtype}.")
+    reference = input_ids if input_ids is not None else inputs_embeds
+    expected_rank = 2 if input_ids is not None else 3
+    if reference.ndim != expected_rank:
+        shape = (
+            "(batch_size, sequence_length)" if input_ids is not None else "(batch_size, sequence_length, hidden_size)"
+        )
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(reference.shape)}.")
+    batch_size, length = reference.shape[:2]
+    if batch_size == 0 or length == 0:
+        raise ValueError(
+            f"{'input_ids' if input_ids is not None else 'inputs_embeds'} is empty (shape {tuple(reference.shape)}): "
+            "a batch needs at least one text of at least one token."
+        )
+    for name in ("attention_mask", "token_type_ids"):
+        value = named[name]
+        if value is not None and tuple(value.shape) != (batch_size, length):
+            raise ValueError(
+                f"{name} must have the shape of the tokens ({batch_size}, {length}), got {tuple(value.shape)}."
+            )
+    if position_ids is not None and (
+        position_ids.ndim != 2 or position_ids.shape[1] != length or position_ids.shape[0] not in (1, batch_size)
+    ):
+        raise ValueError(
+            f"position_ids must have shape ({batch_size}, {length}) or (1, {length}), got {tuple(position_ids.shape)}."
+        )
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and length > max_positions:
+        raise ValueError(
+            f"Sequence length {length} exceeds max_position_embeddings={max_positions}; truncate the text "
+            "(processor(..., truncation=True, max_length=...))."
+        )
+    type_vocab_size = getattr(config, "type_vocab_size", None)
+    tables = [
+        ("input_ids", input_ids, getattr(config, "vocab_size", None), "vocab_size"),
+        ("token_type_ids", token_type_ids, type_vocab_size or None, "type_vocab_size"),  # 0: no token types, ignored
+        ("position_ids", position_ids, max_positions, "max_position_embeddings"),
+    ]
+    tables = [(name, ids, size, field) for name, ids, size, field in tables if ids is not None and size is not None]
+    if not tables:
+        return
+    device = tables[0][1].device
+    extremes = [torch.stack([ids.min(), ids.max()]).long().to(device) for _, ids, _, _ in tables]
+    bounds = torch.stack(extremes).tolist()  # the one device sync
+    for (name, _, size, field), (low, high) in zip(tables, bounds):
+        if low < 0 or high >= size:
+            hint = (
+                " The tokenizer does not match the model: its vocabulary must fit text_config.vocab_size (after adding "
+                "tokens, call model.resize_token_embeddings(len(tokenizer)))."
+                if name == "input_ids"
+                else ""
+            )
+            raise ValueError(
+                f"{name} hold ids from {low} to {high} (max id {high}); the text tower accepts [0, {size}) "
+                f"({field}={size}).{hint}"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading policy of `XModalPreTrainedModel.from_pretrained`: safetensors only by default, clear errors for damaged or
+# mismatching weights
+# --------------------------------------------------------------------------------------------------------------
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Weights under these prefixes are the pretrained towers: loading without them would give a model that is silently
+# random where it matters, so their absence is an error (new heads and fusion modules may be initialised).
+_REQUIRED_PREFIXES = ("vision_model", "text_model")
+
+
+def _pickle_refusal(where: str, files: list[str]) -> str:
+    return (
+        f"{where} has no safetensors weights, only pickle-based files ({', '.join(files)}). xmodal loads safetensors "
+        "only by default, because unpickling a file can execute arbitrary code. If you trust the files, pass "
+        "use_safetensors=False: pytorch_model.bin is then read with torch.load(weights_only=True), which accepts "
+        "tensors only. Better, convert the weights once: safetensors.torch.save_file(torch.load(path, "
+        "weights_only=True), 'model.safetensors', metadata={'format': 'pt'})."
+    )
+
+
+def _refuse_pickle_only(path: str, subfolder: str) -> None:
+    """Raise `OSError` if the local `path` is a pickle file, or a folder with pickle-based weights and no
+    safetensors ones (a Hub id is checked by transformers, which is asked for safetensors only)."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(subfolder, path)):
+        if not path.endswith(".safetensors"):
+            raise OSError(_pickle_refusal(f"The weights file {path!r}", [os.path.basename(path)]))
+        return
+    folder = os.path.join(path, subfolder)
+    if not os.path.isdir(folder):
+        return
+    names = os.listdir(folder)
+    if any(name.endswith((".safetensors", ".safetensors.index.json")) for name in names):
+        return
+    pickled = sorted(name for name in names if name.endswith(_PICKLE_SUFFIXES) or name.endswith(".bin.index.json"))
+    if pickled:
+        raise OSError(_pickle_refusal(f"The folder {folder!r}", pickled))
+
+
+def _damaged_weights_file(path: str | None, subfolder: str) -> str:
+    """The local safetensors file that cannot be opened (after a `SafetensorError`), or a description of it."""
+    if path is None:
+        return "the weights file"
+    if os.path.isfile(path):
+        return repr(path)
+    folder = os.path.join(path, subfolder)
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(os.path.join(folder, name), framework="pt"):
+                        pass
+                except SafetensorError:
+                    return repr(os.path.join(folder, name))
+    return f"the safetensors weights of {path!r}"
+
+
+def _weights_source(path: str | None, subfolder: str, use_safetensors: bool) -> str:
+    """How to name the weights that were loaded in an error: the local file transformers reads, else the repo."""
+    if path is None:
+        return "the given state_dict"
+    if os.path.isfile(path):
+        return repr(path)
+    folder = os.path.join(path, subfolder)
+    safe = ("model.safetensors", "model.safetensors.index.json")
+    pickled = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+    for name in safe + pickled if use_safetensors else pickled + safe:
+        if os.path.isfile(os.path.join(folder, name)):
+            return repr(os.path.join(folder, name))
+    return f"the weights of {path!r}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -641,12 +840,7 @@ class XModalTextEmbeddings(nn.Module):
                 )
             if input_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}.")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-                raise ValueError(
-                    f"input_ids contain ids outside [0, vocab_size={self.config.vocab_size}) (min "
-                    f"{int(input_ids.min())}, max {int(input_ids.max())}); the tokenizer does not match the model's "
-                    "text_config.vocab_size."
-                )
+            # the id range is checked once at the model boundary (`_check_text_inputs`), not on every tower call
         elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape (batch_size, sequence_length, {self.config.hidden_size}), got "
@@ -1078,6 +1272,73 @@ class XModalPreTrainedModel(PreTrainedModel):
         # attention implementation to every sub-config.
         self.config._attn_implementation = self.config._attn_implementation
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any, **kwargs: Any
+    ) -> PreTrainedModel | tuple[PreTrainedModel, dict]:
+        r"""`PreTrainedModel.from_pretrained` with xmodal's loading policy (all keyword arguments are transformers').
+
+        - Weights are read from safetensors files only, unless `use_safetensors=False` is passed: a folder that holds
+          only pickle-based weights (`pytorch_model.bin`, `.pt`, ...) is refused with an `OSError`. With
+          `use_safetensors=False`, `pytorch_model.bin` is read with `torch.load(weights_only=True)`, which refuses
+          anything but tensors; `weights_only=False` is refused.
+        - A truncated or corrupted safetensors file raises an `OSError` naming the file.
+        - Checkpoint tensors whose shape differs from the model's raise a `ValueError` naming the weights and every
+          such tensor with both shapes (unless `ignore_mismatched_sizes=True`, which re-initialises them).
+        - Missing image- or text-tower weights raise a `ValueError` naming them; other missing weights (a new head,
+          a fusion module added by a config override) are initialised and listed in transformers' load report.
+
+        Invalid config.json fields raise in `XModalConfig.from_dict`, naming the file and the field.
+        """
+        if kwargs.get("weights_only", True) is not True:
+            raise ValueError(
+                "xmodal reads pickle-based weights only with torch.load(weights_only=True): weights_only=False would "
+                "let the file execute arbitrary code. Convert the weights to safetensors instead."
+            )
+        path = None if pretrained_model_name_or_path is None else os.fspath(pretrained_model_name_or_path)
+        subfolder = kwargs.get("subfolder", "") or ""
+        if kwargs.get("use_safetensors") is None:
+            # a Hub repo without safetensors weights is refused by transformers ("... cannot be loaded with
+            # `safetensors`"); a local folder or file is checked here, for an error that says why and what to do
+            if path is not None and kwargs.get("gguf_file") is None:
+                _refuse_pickle_only(path, subfolder)
+            kwargs["use_safetensors"] = True
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            # mismatched shapes are reported below, with the tensors named, instead of transformers' generic error
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                ignore_mismatched_sizes=True,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except SafetensorError as err:
+            raise OSError(
+                f"Cannot read the weights file {_damaged_weights_file(path, subfolder)}: {err}. The file is truncated or "
+                "corrupted (e.g. an interrupted download, copy or save); download or save it again."
+            ) from err
+        source = _weights_source(path, subfolder, kwargs["use_safetensors"] is not False)
+        mismatched = sorted(info["mismatched_keys"])
+        if mismatched and not ignore_mismatched_sizes:
+            shapes = "; ".join(f"{key}: checkpoint {tuple(old)} vs model {tuple(new)}" for key, old, new in mismatched)
+            raise ValueError(
+                f"The weights in {source} do not fit {cls.__name__} built from its config: {len(mismatched)} "
+                f"tensor(s) have another shape ({shapes}). The config.json and the weights disagree (a missing or "
+                "edited config field?); pass ignore_mismatched_sizes=True only to re-initialise these tensors on "
+                "purpose (e.g. a classifier with another number of labels)."
+            )
+        missing = sorted(key for key in info["missing_keys"] if key.split(".")[0] in _REQUIRED_PREFIXES)
+        if missing:
+            shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+            raise ValueError(
+                f"The weights in {source} lack tensors of the pretrained towers: {shown}. The checkpoint is incomplete "
+                f"or of another model; to start from partial weights on purpose, build {cls.__name__}(config) and "
+                "call load_state_dict(..., strict=False)."
+            )
+        return (model, info) if output_loading_info else model
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, XModalVisionEmbeddings):
@@ -1167,8 +1428,7 @@ class XModalPreTrainedModel(PreTrainedModel):
         output_hidden_states: bool = False,
         bool_masked_pos: torch.Tensor | None = None,
     ) -> BaseModelOutput:
-        if pixel_values is None:
-            raise ValueError("pixel_values is required (a float tensor of shape (batch_size, 3, height, width)).")
+        _check_pixel_values(pixel_values, getattr(self.config.vision_config, "num_channels", None))
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states}
         if interpolate_pos_encoding:
             kwargs["interpolate_pos_encoding"] = True
@@ -1193,6 +1453,9 @@ class XModalPreTrainedModel(PreTrainedModel):
             )
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("Give exactly one of input_ids and inputs_embeds, not both.")
+        _check_text_inputs(
+            self.config.text_config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
         kwargs = {
             "input_ids": input_ids,
             "inputs_embeds": inputs_embeds,
@@ -2377,8 +2640,7 @@ class XModalForImageClassification(XModalPreTrainedModel):
         Returns:
             `ImageClassifierOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, num_labels)`.
         """
-        if pixel_values is None:
-            raise ValueError("pixel_values is required (a float tensor of shape (batch_size, 3, height, width)).")
+        _check_pixel_values(pixel_values, getattr(self.config.vision_config, "num_channels", None))
         kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)

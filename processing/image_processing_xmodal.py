@@ -6,6 +6,7 @@ transformers.
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -35,33 +36,61 @@ def _describe(obj: object) -> str:
     return f"{type(obj).__name__} {text[:77] + '...' if len(text) > 80 else text}"
 
 
-def _split_images(obj: object, where: str) -> list[SingleImage]:
-    """Return `obj` as a list of single images (splitting a 4-D batch) or raise a descriptive error."""
+def _file_of(image: PIL.Image.Image) -> str:
+    """` (file '<name>')` for an image opened from a named file, else an empty string."""
+    filename = getattr(image, "filename", None)
+    return f" (file {os.fspath(filename)!r})" if filename else ""
+
+
+def _check_pixel_limit(image: PIL.Image.Image, where: str) -> None:
+    """Refuse a PIL image above `PIL.Image.MAX_IMAGE_PIXELS` (PIL's decompression-bomb limit; `None` disables it).
+
+    `PIL.Image.open` raises only above twice the limit and merely warns between the limit and twice the limit; the
+    processor, which is what decodes a lazily opened image, refuses both. Reading the size does not decode the image.
+    """
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise ValueError(
+            f"{where}{_file_of(image)} has {image.width}x{image.height} = {pixels} pixels, more than "
+            f"PIL.Image.MAX_IMAGE_PIXELS = {limit} (PIL's decompression-bomb limit). If you trust the image, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (or set it to None) before processing it."
+        )
+
+
+def _split_images(obj: object, where: str) -> list[tuple[str, SingleImage]]:
+    """Return `obj` as `(label, image)` pairs (a 4-D batch split into `where[i]`) or raise a descriptive error."""
     if isinstance(obj, PIL.Image.Image):
         if obj.width == 0 or obj.height == 0:
             raise ValueError(
                 f"{where} is a zero-sized PIL image ({obj.width}x{obj.height}); expected {_ACCEPTED_INPUTS}."
             )
-        return [obj]
+        _check_pixel_limit(obj, where)
+        return [(where, obj)]
     if isinstance(obj, (np.ndarray, torch.Tensor)):
         if obj.ndim not in (2, 3, 4):
             raise ValueError(f"{where} is a {_describe(obj)}, which has no image layout; expected {_ACCEPTED_INPUTS}.")
         if 0 in obj.shape[-3:]:
             raise ValueError(f"{where} is a zero-sized image: {_describe(obj)}; expected {_ACCEPTED_INPUTS}.")
-        return list(obj) if obj.ndim == 4 else [obj]
+        return [(f"{where}[{index}]", image) for index, image in enumerate(obj)] if obj.ndim == 4 else [(where, obj)]
     hint = ""
-    if isinstance(obj, (str, bytes, os.PathLike)):
-        hint = " File paths and URLs are not loaded: open the image first, e.g. with PIL.Image.open(path)."
+    if isinstance(obj, (str, bytes, os.PathLike)) or hasattr(obj, "read"):
+        hint = (
+            " File paths, bytes, file objects and URLs are not loaded: open the image first, e.g. with PIL.Image.open."
+        )
     raise TypeError(f"{where} is a {_describe(obj)}, which is not an image; expected {_ACCEPTED_INPUTS}.{hint}")
 
 
-def _make_image_list(images: XModalImageInput) -> list[SingleImage]:
+def _labelled_images(images: XModalImageInput) -> list[tuple[str, SingleImage]]:
     """
-    Validate `images` and return them as a flat list of single images.
+    Validate `images` and return them as a flat list of `(label, image)` pairs. The label names the image in error
+    messages: `images` for a single image, `images[3]` for an element of a list or of a 4-D batch, `images[1][2]` for
+    image 2 of a 4-D batch given as list element 1.
 
     Raises:
         TypeError: if an element is not a PIL image, numpy array or torch tensor (file paths are not loaded).
-        ValueError: if the input holds no image, or an image is zero-sized or has an impossible number of dimensions.
+        ValueError: if the input holds no image, or an image is zero-sized, has an impossible number of dimensions or
+            more pixels than `PIL.Image.MAX_IMAGE_PIXELS`.
     """
     if not isinstance(images, (list, tuple, str, bytes, np.ndarray, torch.Tensor, PIL.Image.Image)) and isinstance(
         images, Sequence
@@ -70,12 +99,17 @@ def _make_image_list(images: XModalImageInput) -> list[SingleImage]:
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError(f"Received an empty {type(images).__name__} of images; expected {_ACCEPTED_INPUTS}.")
-        flat = [image for i, item in enumerate(images) for image in _split_images(item, f"images[{i}]")]
+        flat = [pair for i, item in enumerate(images) for pair in _split_images(item, f"images[{i}]")]
     else:
         flat = _split_images(images, "images")
     if not flat:
         raise ValueError(f"Received an empty batch of images; expected {_ACCEPTED_INPUTS}.")
     return flat
+
+
+def _make_image_list(images: XModalImageInput) -> list[SingleImage]:
+    """Validate `images` and return them as a flat list of single images (see `_labelled_images`)."""
+    return [image for _, image in _labelled_images(images)]
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -131,6 +165,8 @@ def _pil_to_hwc(image: PIL.Image.Image, convert_rgb: bool) -> np.ndarray:
         # PIL's own conversion clips these to [0, 255] (16-bit images turn white): scale the values instead.
         gray = _to_uint8(np.asarray(image))[..., None]
         return np.repeat(gray, 3, axis=-1) if convert_rgb else gray
+    if image.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these to other modes only via LA / RGBA
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
     if not convert_rgb:
         array = _to_uint8(np.asarray(image))
         return array[..., None] if array.ndim == 2 else array
@@ -138,6 +174,18 @@ def _pil_to_hwc(image: PIL.Image.Image, convert_rgb: bool) -> np.ndarray:
         white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
     return np.asarray(image.convert("RGB"))
+
+
+def _decode(image: PIL.Image.Image, where: str) -> None:
+    """Decode a lazily opened PIL image, turning PIL's many decoder errors into one `ValueError` naming the image."""
+    try:
+        image.load()
+    except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, struct.error, ... for damaged files
+        raise ValueError(
+            f"{where}{_file_of(image)} could not be decoded ({type(err).__name__}: {err}): the image data is "
+            "truncated or corrupted. Re-encode or drop the file (PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True makes PIL "
+            "decode truncated files partially)."
+        ) from err
 
 
 def _channels_last(
@@ -190,8 +238,8 @@ class XModalImageProcessor(RemoteCodeSaveMixin, PilBackend):
     `crop_size` (off by default), rescaled by `rescale_factor` (1/255) and normalized with the ImageNet mean and
     standard deviation.
 
-    Accepted inputs: a `PIL.Image.Image` of any common mode (`1`, `L`, `LA`, `P`, `RGB`, `RGBA`, `CMYK`, `I;16`,
-    `I`, `F`, ...), a numpy array or torch tensor of shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with `C` in
+    Accepted inputs: a `PIL.Image.Image` of any mode (`1`, `L`, `LA`, `La`, `P`, `PA`, `RGB`, `RGBA`, `RGBa`, `RGBX`,
+    `CMYK`, `YCbCr`, `LAB`, `HSV`, `I`, `I;16`, `I;16B`, `F`, ...), a numpy array or torch tensor of shape `(H, W)`, `(H, W, C)` or `(C, H, W)` with `C` in
     {1, 3, 4}, a 4-D batch of arrays, or a list of any of these. Conversion rules:
 
     - transparency (`RGBA`, `LA`, `P` with a transparent colour, 4-channel arrays) is composited on white;
@@ -200,8 +248,10 @@ class XModalImageProcessor(RemoteCodeSaveMixin, PilBackend):
     - an array whose first and last dimensions could both be channels is read as `(C, H, W)` for torch tensors
       and `(H, W, C)` for numpy arrays unless `input_data_format` says otherwise.
 
-    File paths and URLs are not loaded. Any other input raises a `TypeError` (not an image) or a `ValueError`
-    (empty list, zero-sized image, unknown layout or value range) that names what was received.
+    File paths, bytes, file objects and URLs are not loaded. Any other input raises a `TypeError` (not an image,
+    unsupported dtype) or a `ValueError` (empty list, zero-sized image, unknown layout, NaN/infinite or out-of-range
+    values, more pixels than `PIL.Image.MAX_IMAGE_PIXELS`, a lazily opened file that is truncated or corrupted) whose
+    message starts with the image it is about (`images`, `images[3]`) and names what was received.
 
     All `ImagesKwargs` (`do_resize`, `size`, `resample`, `do_center_crop`, `crop_size`, `do_rescale`,
     `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `do_convert_rgb`, `input_data_format`,
@@ -233,6 +283,20 @@ class XModalImageProcessor(RemoteCodeSaveMixin, PilBackend):
     image_mean = tuple(IMAGENET_DEFAULT_MEAN)
     image_std = tuple(IMAGENET_DEFAULT_STD)
     do_convert_rgb = True
+
+    def _prepare_image_like_inputs(
+        self, images: XModalImageInput, *args: Any, expected_ndims: int = 3, **kwargs: Unpack[ImagesKwargs]
+    ) -> list[np.ndarray]:
+        """Validate and convert every image with `process_image`; any error names the image (`images[3]: ...`)."""
+        prepared = []
+        for where, image in _labelled_images(images):
+            if isinstance(image, PIL.Image.Image):
+                _decode(image, where)
+            try:
+                prepared.append(self.process_image(image, *args, **kwargs))
+            except (ValueError, TypeError) as err:
+                raise (TypeError if isinstance(err, TypeError) else ValueError)(f"{where}: {err}") from err
+        return prepared
 
     def fetch_images(self, image_url_or_urls: XModalImageInput) -> list[SingleImage]:
         """Validate the input and return a flat list of images. Unlike the base class, strings are never loaded."""

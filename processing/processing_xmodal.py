@@ -1,17 +1,67 @@
 """Processor for XModal: wraps an image processor and a tokenizer into a single callable.
 
-This file is shipped as remote code on the Hub: it imports only the standard library and transformers.
+This file is shipped as remote code on the Hub: it imports only the standard library, numpy, PIL, torch, transformers
+and its sibling `image_processing_xmodal`.
 """
 
+import warnings
+from collections.abc import Sequence
 
+import numpy as np
+import PIL.Image
+import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase, TextInput
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER, PreTrainedTokenizerBase, TextInput
 from transformers.utils import PaddingStrategy, TensorType
 
 from xmodal.hub import RemoteCodeSaveMixin
+from xmodal.processing.image_processing_xmodal import _describe
+
+
+def _check_texts(text: object) -> str | list[str] | None:
+    """
+    Validate the captions and return them as a string or a list of strings.
+
+    Raises:
+        TypeError: if `text` (or an element, named `text[i]`) is not a string.
+        ValueError: if `text` is an empty list, or a string holds a lone surrogate (not encodable as UTF-8).
+    """
+    if text is None:
+        return None
+    if not isinstance(text, (str, bytes)) and isinstance(text, Sequence):
+        text = list(text)  # a tuple or a `datasets` Column
+        if not text:
+            raise ValueError("Received an empty list of texts; expected a string or a non-empty list of strings.")
+    texts = text if isinstance(text, list) else [text]
+    for index, item in enumerate(texts):
+        where = f"text[{index}]" if isinstance(text, list) else "text"
+        if not isinstance(item, str):
+            raise TypeError(f"{where} is a {_describe(item)}; expected a string (one caption).")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(
+                f"{where} is not valid Unicode: {err.reason} at position {err.start} ({item[err.start]!r}); decode "
+                "the text with errors='replace' or remove the character."
+            ) from err
+    return text
+
+
+def _num_images(images: object) -> int | None:
+    """How many images a batch input holds (a list, tuple or sequence, with 4-D arrays counted by their first
+    dimension, or a 4-D array itself); None for a single image."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return images.shape[0] if images.ndim == 4 else None
+    if isinstance(images, (str, bytes, PIL.Image.Image)) or not isinstance(images, Sequence):
+        return None
+    if not isinstance(images, (list, tuple)):
+        return len(images)  # e.g. a `datasets` Column of single images (iterating it would decode them all)
+    return sum(
+        item.shape[0] if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4 else 1 for item in images
+    )
 
 
 class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
@@ -80,22 +130,37 @@ class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
                 Further tokenizer or image processor keyword arguments (e.g. `do_center_crop=True`,
                 `text_kwargs={...}`, `images_kwargs={...}`).
 
+        Text handling: empty and whitespace-only captions are valid and become `[CLS] [SEP]`; the tokenizer's
+        normalizer drops control characters (NUL included) and, with a lowercasing tokenizer, accents (combining
+        marks); emoji, CJK and right-to-left scripts are tokenized (characters outside the vocabulary become
+        `[UNK]`). With truncation (the default), captions longer than the limit (`max_length`, else the tokenizer's
+        `model_max_length`, special tokens included) are cut to it and a `UserWarning` names the limit.
+
         Returns:
             `BatchFeature` with, for text, `input_ids` and `attention_mask` of shape `(batch_size, sequence_length)`
             (plus `token_type_ids` when the tokenizer returns them) and, for images, `pixel_values` of shape
             `(num_images, 3, height, width)`.
 
         Raises:
-            ValueError: if neither `images` nor `text` is given, or both are lists of different lengths.
+            ValueError: if neither `images` nor `text` is given, `text` is an empty list or holds invalid Unicode,
+                `max_length` cannot hold the special tokens and one token, or a batch of images (a list or a 4-D
+                array) and a list of texts differ in length. One image with several texts (zero-shot labels) and
+                several images with one text are accepted.
+            TypeError: if a text is not a string (the error names it, e.g. `text[2]`).
+            Image errors are raised by the image processor and name the image (e.g. `images[3]`).
         """
-        if isinstance(text, tuple):
-            text = list(text)
-        if isinstance(text, list) and isinstance(images, (list, tuple)) and len(text) != len(images):
+        text = _check_texts(text)
+        num_images = _num_images(images)
+        if isinstance(text, list) and num_images is not None and len(text) != num_images:
             raise ValueError(
-                f"Got {len(images)} images and {len(text)} texts: when both are lists they must have the same length "
-                "(one caption per image). To score images against a different number of captions, process them in "
-                "separate calls."
+                f"Got {num_images} images and {len(text)} texts: a batch of images and a list of texts must have the "
+                "same length (one caption per image). To score images against a different number of captions, "
+                "process them in separate calls (or pass a single image with a list of texts)."
             )
+        if text is not None and getattr(self, "tokenizer", None) is not None:
+            self._check_max_length(max_length)
+            if truncation not in (False, None, "do_not_truncate"):
+                self._warn_if_truncated(text if isinstance(text, list) else [text], max_length)
         return super().__call__(
             images=images,
             text=text,
@@ -105,6 +170,39 @@ class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
             return_tensors=return_tensors,
             **kwargs,
         )
+
+    def _check_max_length(self, max_length: object) -> None:
+        """Raise unless `max_length` is None or an integer that holds the special tokens plus one token."""
+        if max_length is None:
+            return
+        minimum = self.tokenizer.num_special_tokens_to_add() + 1
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < minimum:
+            raise ValueError(
+                f"max_length must be an integer >= {minimum} (the tokenizer's "
+                f"{minimum - 1} special tokens plus one token), got {max_length!r}."
+            )
+
+    def _warn_if_truncated(self, texts: list[str], max_length: int | None) -> None:
+        """Warn, naming the limit, when truncation will cut a caption (a second, unpadded tokenization)."""
+        limit = max_length if max_length is not None else self.tokenizer.model_max_length
+        if limit is None or limit >= VERY_LARGE_INTEGER:
+            return
+        encoded = self.tokenizer(
+            texts,
+            truncation=False,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )["input_ids"]
+        if any(len(ids) > limit for ids in encoded):
+            warnings.warn(
+                f"Texts longer than {limit} tokens (special tokens included) are truncated to {limit} tokens "
+                "(max_length, else the tokenizer's model_max_length); pass a larger max_length, at most the model's "
+                "text_config.max_position_embeddings, to keep more.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 __all__ = ["XModalProcessor"]
