@@ -726,6 +726,19 @@ class XModalVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.grid_size**2, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, H/P * W/P, D)`: the stride-P convolution computed as one matmul over the flattened
+        non-overlapping patches (the same weights and result, without the convolution's im2col and layout
+        conversions); pixels beyond the last whole patch are dropped, as the convolution does."""
+        batch_size, channels, height, width = pixel_values.shape
+        size = self.patch_size
+        rows, columns = height // size, width // size
+        patches = pixel_values[:, :, : rows * size, : columns * size]
+        patches = patches.reshape(batch_size, channels, rows, size, columns, size).permute(0, 2, 4, 1, 3, 5)
+        patches = patches.reshape(batch_size, rows * columns, channels * size * size)
+        weight = self.patch_embedding.weight
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
+
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for a `height x width` image: `(1, 1 + height/P * width/P, D)`."""
         new_height, new_width = height // self.patch_size, width // self.patch_size
@@ -758,8 +771,7 @@ class XModalVisionEmbeddings(nn.Module):
             )
         if height < self.patch_size or width < self.patch_size:
             raise ValueError(f"Input image size ({height}x{width}) is smaller than the patch size {self.patch_size}.")
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        patches = patches.flatten(2).transpose(1, 2)  # (B, num_patches, D)
+        patches = self.embed_patches(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, num_patches, D)
         position = self.interpolate_pos_encoding(height, width)
         patches = patches + position[:, 1:]
         if bool_masked_pos is not None:

@@ -174,6 +174,21 @@ def test_position_interpolation(tester):
     torch.testing.assert_close(native, same)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (18, 23)])
+def test_patch_matmul_equals_the_convolution(tester, size):
+    """The patch embedding is computed as a matmul over flattened patches; it must equal the stride-P convolution of
+    the same weights, including the pixels a convolution drops beyond the last whole patch."""
+    embeddings = XModalModel(tester.get_config()).vision_model.embeddings
+    pixel_values = torch.randn(2, 3, *size, requires_grad=True)
+    expected = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+    actual = embeddings.embed_patches(pixel_values)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    weight = embeddings.patch_embedding.weight
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), weight)
+    (actual_grad,) = torch.autograd.grad(actual.square().sum(), weight)
+    torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_input_errors_are_clear(tester):
     model = XModalModel(tester.get_config()).eval()
     inputs = tester.get_inputs()
