@@ -32,8 +32,16 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
+# Every CPU benchmark of bench/ (about 45 min on 2 idle cores); results go to bench/results/ (see bench/RESULTS.md).
+# The GPU ones: bash bench/gpu.sh.
 bench: install
+	$(PY) bench/train_step.py --compile --profile
+	$(PY) bench/inference.py
 	$(PY) bench/multitask_cost.py
+	$(PY) bench/memory.py
+	$(PY) bench/data_pipeline.py
+	$(PY) bench/retrieval_scale.py
+	$(PY) bench/scaling.py
 
 lint: install
 	$(VENV)/bin/ruff check .

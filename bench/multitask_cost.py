@@ -12,19 +12,21 @@ question per image). Variants, timed alternately in one process (median of --rep
 - multitask+queue+views: also the momentum encoders with a 4,096-entry queue and a second augmented view of each
   pair (two optional features, off in the plain multi-task step).
 
-    python bench/multitask_cost.py [--presets tiny small] [--batch_size 32] [--repeats 5]
+    python bench/multitask_cost.py [--presets tiny small] [--batch_size 32] [--repeats 5] [--device cuda]
+        [--precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, time_alternating, write_result  # noqa: E402
+from common import PRECISIONS, machine, median, on_device, time_alternating, write_result  # noqa: E402
 
 from xmodal import XModalForPreTraining  # noqa: E402
 from xmodal.processing import train_tokenizer  # noqa: E402
@@ -68,7 +70,12 @@ def build(
     return XModalForPreTraining(config).train()
 
 
-def step_function(model: XModalForPreTraining, inputs: dict[str, torch.Tensor]):
+def step_function(
+    model: XModalForPreTraining, inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None
+) -> Callable[[], None]:
+    """One training step of `model` on `inputs` (moved to `device`), under autocast to `dtype` when given."""
+    model.to(device)
+    inputs = {key: value.to(device) for key, value in inputs.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step() -> None:
@@ -78,16 +85,31 @@ def step_function(model: XModalForPreTraining, inputs: dict[str, torch.Tensor]):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return on_device(step, device, dtype)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    results = {"machine": machine(), "batch_size": args.batch_size, "repeats": args.repeats, "presets": {}}
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU script (bench/gpu.sh).")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, or bf16/fp16 autocast.")
+    parser.add_argument("--smoke", action="store_true", help="tiny at batch 4, one run, nothing written (for tests).")
+    parser.add_argument("--no_write", action="store_true", help="Do not write bench/results.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.presets, args.batch_size, args.repeats, args.warmup = ["tiny"], 4, 1, 0
+    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    results = {
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "presets": {},
+    }
     for preset in args.presets:
         batch, tokenizer = real_batch(preset, args.batch_size)
         plain = {key: value for key, value in batch.items() if not key.startswith("second_view_")}
@@ -97,13 +119,14 @@ def main() -> None:
             if key not in ("question_input_ids", "question_attention_mask", "vqa_labels")
         }
         torch.manual_seed(0)
-        steps = {
-            "contrastive": step_function(build(preset, tokenizer, ("contrastive",)), no_vqa),
-            "multitask": step_function(build(preset, tokenizer, OBJECTIVES), plain),
-            "multitask-itm-all": step_function(build(preset, tokenizer, OBJECTIVES, itm_sampling="all"), plain),
-            "multitask+queue+views": step_function(build(preset, tokenizer, OBJECTIVES, queue_size=4096), batch),
+        variants = {
+            "contrastive": (build(preset, tokenizer, ("contrastive",)), no_vqa),
+            "multitask": (build(preset, tokenizer, OBJECTIVES), plain),
+            "multitask-itm-all": (build(preset, tokenizer, OBJECTIVES, itm_sampling="all"), plain),
+            "multitask+queue+views": (build(preset, tokenizer, OBJECTIVES, queue_size=4096), batch),
         }
-        times = time_alternating(steps, repeats=args.repeats)
+        steps = {name: step_function(model, inputs, device, dtype) for name, (model, inputs) in variants.items()}
+        times = time_alternating(steps, repeats=args.repeats, warmup=args.warmup)
         base = median(times["contrastive"])
         row = {
             name: {
@@ -120,8 +143,10 @@ def main() -> None:
             f"{preset}: "
             + ", ".join(f"{name} {row[name]['median_s']:.3f} s ({row[name]['ratio']:.2f}x)" for name in steps)
         )
-    path = write_result("multitask_cost", results)
-    print(f"wrote {path}")
+    if not (args.smoke or args.no_write):
+        name = "multitask_cost" if device.type == "cpu" else f"multitask_cost_{device.type}_{args.precision}"
+        print(f"wrote {write_result(name, results)}")
+    return results
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .pretrain import (
 )
 from .prompt_learning import PromptLearner, load_prompts, train_prompts
 from .push import push_to_hub
+from .search import chunked_topk
 
 __all__ = [
     "OBJECTIVES",
@@ -46,6 +47,7 @@ __all__ = [
     "ZeroShotClassifier",
     "build_config",
     "build_processor",
+    "chunked_topk",
     "embed_dataset",
     "evaluate_model",
     "evaluate_retrieval",

@@ -1,0 +1,182 @@
+"""Inference throughput: image embeddings/s and text embeddings/s of xmodal vs transformers' CLIPModel of equal size.
+
+For each preset, `XModalModel` and a `CLIPModel` built by `clip_config_like` (same widths, depths, heads, MLP size,
+activation, image and patch size, vocabulary, projection dimension; CLIP's text positions = the text length) embed the
+same random batch in eval mode under `torch.inference_mode`: `get_image_features(pixel_values)` on `--batch_size`
+images and `get_text_features(input_ids, attention_mask)` on `--batch_size` captions padded to `--text_length` tokens
+(lengths uniform in [8, text_length]). The four calls are timed in alternation in one process (median of `--repeats`
+runs after `--warmup`); the ratio is xmodal's embeddings/s over CLIP's (issue target: >= 1.25x).
+
+    python bench/inference.py [--presets tiny small base] [--batch_size 64] [--text_length 32] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    PRECISIONS,
+    clip_config_like,
+    machine,
+    machine_line,
+    markdown_table,
+    median,
+    on_device,
+    preset_config,
+    publish,
+    random_image_text_batch,
+    time_alternating,
+)
+from transformers import CLIPModel  # noqa: E402
+
+from xmodal import XModalModel  # noqa: E402
+
+
+def parameters(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() for module in modules for p in module.parameters())
+
+
+def embed_functions(
+    xmodal: XModalModel,
+    clip: CLIPModel,
+    inputs: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Callable[[], None]]:
+    """The four timed calls; each checks that it returns one projected embedding per input."""
+    pixels = {"pixel_values": inputs["pixel_values"]}
+    texts = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    batch_size = inputs["pixel_values"].shape[0]
+
+    def call(function: Callable[..., Any], kwargs: dict[str, torch.Tensor], dim: int) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                embeds = function(**kwargs).pooler_output
+            if embeds.shape != (batch_size, dim):
+                raise RuntimeError(f"expected embeddings {(batch_size, dim)}, got {tuple(embeds.shape)}")
+
+        return on_device(run, device, dtype)
+
+    dim = xmodal.config.projection_dim
+    return {
+        "xmodal-image": call(xmodal.get_image_features, pixels, dim),
+        "clip-image": call(clip.get_image_features, pixels, dim),
+        "xmodal-text": call(xmodal.get_text_features, texts, dim),
+        "clip-text": call(clip.get_text_features, texts, dim),
+    }
+
+
+def run_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = preset_config(preset, args.smoke)
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), PRECISIONS[args.precision]
+    xmodal = XModalModel(config).eval().to(device)
+    clip = CLIPModel(clip_config_like(config, sequence_length=args.text_length)).eval().to(device)
+    vision = config.vision_config
+    inputs = random_image_text_batch(
+        args.batch_size, vision.image_size, args.text_length, config.text_config.vocab_size
+    )
+    inputs = {key: value.to(device) for key, value in inputs.items()}
+    functions = embed_functions(xmodal, clip, inputs, device, dtype)
+    times = time_alternating(functions, repeats=args.repeats, warmup=args.warmup)
+    row: dict[str, Any] = {
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "parameters": {
+            "xmodal-image": parameters(xmodal.vision_model, xmodal.visual_projection),
+            "clip-image": parameters(clip.vision_model, clip.visual_projection),
+            "xmodal-text": parameters(xmodal.text_model, xmodal.text_projection),
+            "clip-text": parameters(clip.text_model, clip.text_projection),
+        },
+    }
+    for name, values in times.items():
+        row[name] = {
+            "median_s": round(median(values), 5),
+            "runs_s": [round(value, 5) for value in values],
+            "per_s": round(args.batch_size / median(values), 1),
+        }
+    for modality in ("image", "text"):
+        row[f"{modality}_ratio"] = round(
+            row[f"clip-{modality}"]["median_s"] / row[f"xmodal-{modality}"]["median_s"], 3
+        )
+    return row
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    rows = []
+    for preset, row in results["presets"].items():
+        for modality in ("image", "text"):
+            rows.append(
+                [
+                    preset,
+                    modality,
+                    f"{row[f'xmodal-{modality}']['per_s']:,.1f}",
+                    f"{row[f'clip-{modality}']['per_s']:,.1f}",
+                    f"**{row[f'{modality}_ratio']:.2f}x**",
+                    f"{row['parameters'][f'xmodal-{modality}'] / 1e6:.1f}M / "
+                    f"{row['parameters'][f'clip-{modality}'] / 1e6:.1f}M",
+                ]
+            )
+    table = markdown_table(
+        ["preset", "embeddings", "xmodal /s", "CLIPModel /s", "xmodal / CLIP", "parameters (xmodal / CLIP)"], rows
+    )
+    return (
+        "## Inference: embeddings/s vs CLIPModel of equal size (`bench/inference.py`)\n\n"
+        f"`{command}`\n\n{machine_line(results['machine'])} Device: {results['device']}, {results['precision']}, eval mode, `torch.inference_mode`, batch "
+        f"{results['batch_size']}, captions padded to {results['text_length']} tokens (lengths 8-"
+        f"{results['text_length']}); median of {results['repeats']} runs after {results['warmup']} warm-up, the four "
+        "calls alternating in one process. Target: xmodal >= 1.25x CLIPModel.\n\n" + table
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--text_length", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--smoke", action="store_true", help="Tiny sizes and 1 repeat (checks it runs); writes nothing."
+    )
+    parser.add_argument("--no_write", action="store_true", help="Print only; do not write bench/results/.")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU script (bench/gpu.sh).")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, or bf16/fp16 autocast.")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.presets, args.batch_size, args.text_length, args.repeats, args.warmup = ["tiny"], 4, 8, 1, 0
+    device = torch.device(args.device)
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "text_length": args.text_length,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "presets": {},
+    }
+    for preset in args.presets:
+        row = run_preset(preset, args)
+        results["presets"][preset] = row
+        print(
+            f"{preset}: image {row['xmodal-image']['per_s']}/s vs CLIP {row['clip-image']['per_s']}/s "
+            f"({row['image_ratio']}x), text {row['xmodal-text']['per_s']}/s vs CLIP {row['clip-text']['per_s']}/s "
+            f"({row['text_ratio']}x)",
+            flush=True,
+        )
+    command = "python bench/inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    name = "inference" if device.type == "cpu" else f"inference_{device.type}_{args.precision}"
+    publish(name, results, markdown(results, command.strip()), write=not (args.smoke or args.no_write))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Each benchmark of issue 6 runs end to end on tiny sizes (`--smoke --no_write`): it returns its figures, prints its
+markdown section and writes nothing. Benchmarks are never timed here.
+
+bench/memory.py and bench/retrieval_scale.py measure in child processes, each of which imports torch and xmodal (a
+few seconds): the default suite runs their children in-process (the same `main`, child mode), and the `slow` tests run
+them as real processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """`bench/<name>.py` as a module (the bench folder on sys.path, for its `common` import)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_smoke(monkeypatch, capsys, tmp_path):
+    """Runs `main(["--smoke", "--no_write"])` of a benchmark; returns its results and printed section, and checks
+    that it wrote no result file (the results folder is redirected to an empty temporary one)."""
+
+    def run(name: str, children_in_process: bool = False) -> tuple[dict, str]:
+        module = load(name, monkeypatch)
+        results_dir = tmp_path / "results"
+        monkeypatch.setattr(sys.modules["common"], "RESULTS_DIR", results_dir)
+        if children_in_process:
+            monkeypatch.setattr(module, "run_child", lambda script, argv, env=None: list(argv))
+            monkeypatch.setattr(module, "child_result", lambda argv: module.main(argv))
+        results = module.main(["--smoke", "--no_write"])
+        printed = capsys.readouterr().out
+        assert not results_dir.exists()
+        assert f"`python bench/{name}.py --smoke --no_write`" in printed
+        assert "Machine: " in printed and "|---|" in printed
+        assert results["machine"]["threads"] >= 1
+        return results, printed
+
+    return run
+
+
+def test_inference(run_smoke):
+    results, printed = run_smoke("inference")
+    row = results["presets"]["tiny"]
+    for name in ("xmodal-image", "clip-image", "xmodal-text", "clip-text"):
+        assert row[name]["per_s"] > 0 and len(row[name]["runs_s"]) == 1
+        assert row["parameters"][name] > 0
+    assert row["image_ratio"] > 0 and row["text_ratio"] > 0
+    assert "| tiny | image |" in printed and "| tiny | text |" in printed
+
+
+def test_clip_config_like_matches_the_xmodal_sizes(monkeypatch):
+    common = load("common", monkeypatch)
+    config = common.preset_config("small")
+    clip = common.clip_config_like(config, sequence_length=32)
+    for xmodal_tower, clip_tower in (
+        (config.vision_config, clip.vision_config),
+        (config.text_config, clip.text_config),
+    ):
+        for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
+            assert getattr(clip_tower, field) == getattr(xmodal_tower, field)
+    assert (clip.vision_config.image_size, clip.vision_config.patch_size) == (128, 16)
+    assert clip.text_config.vocab_size == config.text_config.vocab_size
+    assert clip.text_config.max_position_embeddings == 32
+    assert clip.projection_dim == config.projection_dim == 256
+    with pytest.raises(TypeError, match="needs the built-in xmodal towers"):
+        common.clip_config_like(type(config)(text_config={"model_type": "bert", "hidden_size": 32}))
+
+
+def check_memory(results: dict, printed: str) -> None:
+    plain, checkpointed = results["step"]["plain"], results["step"]["checkpointing"]
+    assert plain["checkpointed_layers"] == 0 and checkpointed["checkpointed_layers"] > 0
+    for row in (plain, checkpointed):
+        assert row["peak_rss"] >= row["resting_rss"] > 0 and row["adamw_state"] > 0
+    assert set(results["loss"]["sizes"]) == {"64", "128"}
+    for info in results["loss"]["tracked"]["ops"].values():
+        # the loss creates its logits (mm) and the two directions' log-softmax
+        assert info["square_ops"][:3] == ["mm", "_log_softmax", "_log_softmax"]
+        assert info["peak_matrices"] >= 2
+    assert "checkpointing" in printed and "Allocation tracker at B = 64" in printed
+
+
+def test_memory(run_smoke):
+    check_memory(*run_smoke("memory", children_in_process=True))
+
+
+@pytest.mark.slow
+def test_memory_in_child_processes(run_smoke):
+    check_memory(*run_smoke("memory"))
+
+
+def test_data_pipeline(run_smoke):
+    results, printed = run_smoke("data_pipeline")
+    assert "synthetic" in results["datasets"]
+    for data in results["datasets"].values():
+        assert set(data["workers"]) == {"0", "1"}
+        assert data["shapes"]["pixel_values"] == [4, 3, 16, 16]
+        for row in data["workers"].values():
+            assert row["loader_examples_per_s"] > 0 and row["loop_pairs_per_s"] > 0 and row["step_pairs_per_s"] > 0
+    assert "| synthetic | 1 |" in printed
+
+
+def check_retrieval_scale(results: dict, printed: str) -> None:
+    row = results["sizes"]["2000"]
+    assert row["matches_full"] and row["max_score_difference"] < 1e-5
+    assert set(row["times"]) == set(row["memory"]) == {"chunked", "full"}
+    assert "| 2,000 |" in printed
+
+
+def test_retrieval_scale(run_smoke):
+    check_retrieval_scale(*run_smoke("retrieval_scale", children_in_process=True))
+
+
+@pytest.mark.slow
+def test_retrieval_scale_in_child_processes(run_smoke):
+    check_retrieval_scale(*run_smoke("retrieval_scale"))
+
+
+def test_scaling(run_smoke):
+    results, printed = run_smoke("scaling")
+    assert [row["batch_size"] for row in results["batch_sizes"]] == [2, 4]
+    assert [(row["image_size"], row["image_tokens"]) for row in results["image_sizes"]] == [(16, 5), (32, 17)]
+    assert all(row["pairs_per_s"] > 0 for row in results["batch_sizes"] + results["image_sizes"])
+    assert "Image size (batch 2" in printed
