@@ -133,3 +133,39 @@ def test_scaling(run_smoke):
     assert [(row["image_size"], row["image_tokens"]) for row in results["image_sizes"]] == [(16, 5), (32, 17)]
     assert all(row["pairs_per_s"] > 0 for row in results["batch_sizes"] + results["image_sizes"])
     assert "Image size (batch 2" in printed
+
+
+def test_train_step(run_smoke):
+    results, printed = run_smoke("train_step")
+    (result,) = results["results"]
+    assert set(result["variants"]) == {"xmodal", "clip"}
+    xmodal, clip = result["variants"]["xmodal"], result["variants"]["clip"]
+    # equal sizes: both models do the same counted work per step
+    assert xmodal["gflop_per_step"] == pytest.approx(clip["gflop_per_step"], rel=0.02) and xmodal["gflop_per_step"] > 0
+    assert 0 < xmodal["mfu"] and len(xmodal["seconds"]) == 1
+    assert xmodal["speedup_vs_clip"] > 0 and results["peak_gflops"] > 0
+    assert "| tiny | xmodal |" in printed and "| tiny | clip |" in printed
+
+
+def test_train_step_compiled_copy_matches_eager(monkeypatch):
+    """The compile check of bench/train_step.py passes on a correct compiled copy and catches a wrong one."""
+    module = load("train_step", monkeypatch)
+    import torch
+
+    from xmodal import XModalModel
+
+    config = module.preset_config("tiny", smoke=True)
+    model = XModalModel(config)
+    inputs = module.random_image_text_batch(2, 16, 8, config.text_config.vocab_size)
+    monkeypatch.setattr(module.torch, "compile", lambda m: m)  # eager stands in for inductor: same numbers
+    compiled, seconds = module.check_compiled(model, inputs)
+    assert seconds > 0 and compiled is not model
+
+    def perturbed(m):
+        with torch.no_grad():
+            m.logit_scale.add_(0.5)
+        return m
+
+    monkeypatch.setattr(module.torch, "compile", perturbed)
+    with pytest.raises(AssertionError):
+        module.check_compiled(model, inputs)

@@ -231,7 +231,11 @@ def test_plot_retrieval_example_ranks_by_similarity(tester, tmp_path):
     processor = build_processor(tokenizer, config)
     rows = plot_retrieval_example(model, processor, data, tmp_path / "example.png", query_index=2, k=4)
     assert len(rows) == 4 == len(set(rows))
-    inputs = processor(images=data["image"], text=[data[2]["text"]], padding=True, return_tensors="pt")
+    # one caption against six images: the processor takes them in separate calls (its lists must pair up)
+    inputs = {
+        **processor(images=list(data["image"]), return_tensors="pt"),
+        **processor(text=[data[2]["text"]], padding=True, return_tensors="pt"),
+    }
     with torch.no_grad():
         scores = model(**inputs).logits_per_text[0]
     # the top 4 by the model's own similarities, best first (up to float noise between near-ties)

@@ -4,17 +4,24 @@ A checkpoint is a folder `checkpoints/step-000100/` holding what `Accelerator.sa
 safetensors, optimizer, scheduler, every process's RNG states) plus `training_state.json` (step, epoch position, loss
 curves, counters). It is written under a temporary name and renamed into place once complete, so the folder always
 holds whole checkpoints: a run killed while saving leaves the previous checkpoint intact and an incomplete
-`tmp-step-*` folder that the next run deletes.
+`tmp-step-*` folder that the next run deletes. Old checkpoints are renamed to a `tmp-step-*` name before they are
+deleted, so a kill during the deletion never leaves a half-deleted `step-*` folder either.
+
+A write that fails (a full disk, a quota, a file-size limit) removes its incomplete copy and raises an `OSError` that
+says what happened and which checkpoint is intact, on every process at once (no process is left waiting for the
+others in a collective operation).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,17 +49,80 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def _fsync_folder(path: str) -> None:
+    """Flushes a folder's entries (a rename into it, a deletion) to disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _fsync_tree(path: str) -> None:
     """Flushes every file of a folder (and the folder entries) to disk before the rename publishes it."""
     for folder, _, files in os.walk(path):
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _fsync_folder(folder)
+
+
+def _discard(path: str) -> None:
+    """Deletes a checkpoint folder atomically as far as the listing goes: renamed to a `tmp-step-*` name first (which
+    `remove_incomplete_checkpoints` cleans up if a kill interrupts the deletion), then removed."""
+    if not os.path.exists(path):
+        return
+    doomed = os.path.join(os.path.dirname(path), f"tmp-{os.path.basename(path)}-deleted")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, files in os.walk(path) for name in files)
+
+
+def describe_write_failure(error: BaseException, free_bytes: int, needed_bytes: int) -> str:
+    """Why a checkpoint could not be written, for the error message: a full disk, a quota or a file-size limit when
+    the error says so (`OSError` errno, or the text of safetensors' `SafetensorError`), else a full disk when less
+    than `needed_bytes` (the size of the previous checkpoint, at least 1 MiB) are free (torch.save only reports
+    `RuntimeError: ... unexpected pos ...` on a full disk); an empty string otherwise."""
+    code, text = getattr(error, "errno", None), str(error)
+    if code == errno.ENOSPC or "No space left on device" in text:
+        return "the disk is full (No space left on device)"
+    if code == errno.EDQUOT or "Disk quota exceeded" in text:
+        return "the disk quota is exceeded"
+    if code == errno.EFBIG or "File too large" in text:
+        return "a file-size limit was reached (File too large)"
+    if free_bytes < max(needed_bytes, 1 << 20):
+        return f"the disk is probably full ({free_bytes / 2**20:.1f} MiB free)"
+    return ""
+
+
+def _write_error(error: BaseException | None, final: str, output_dir: str, previous: str | None) -> OSError:
+    """The error every process raises when writing checkpoint `final` failed (`error`: this process's own failure,
+    None when another process failed)."""
+    root = checkpoint_root(output_dir)
+    free = shutil.disk_usage(root if os.path.isdir(root) else output_dir).free
+    intact = (
+        f"the previous checkpoint {previous} is intact: continue from it with --resume"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    if error is None:
+        return OSError(f"Writing checkpoint {final} failed on another process (see its error); {intact}.")
+    reason = describe_write_failure(error, free, _folder_size(previous) if previous else 0)
+    advice = " once space is freed" if reason and previous else ""
+    return OSError(
+        f"Writing checkpoint {final} failed: {reason + ': ' if reason else ''}{type(error).__name__}: {error}. "
+        f"Its incomplete copy was removed ({free / 2**20:.1f} MiB free on the disk of {root}); {intact}{advice}."
+    )
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True when `flag` holds on any process (a collective: every process must call it)."""
+    value = torch.tensor(float(flag), device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def remove_incomplete_checkpoints(output_dir: str) -> None:
@@ -72,33 +142,47 @@ def save_checkpoint(
 
     Returns:
         The path of the new checkpoint.
+
+    Raises:
+        OSError: on every process, when any process could not write its part (a full disk, a quota, a file-size
+            limit, ...); the message says why and which checkpoint is intact, and the incomplete copy is removed.
     """
     root = checkpoint_root(output_dir)
     final = os.path.join(root, f"step-{step:06d}")
     temporary = os.path.join(root, f"tmp-step-{step:06d}")
+    previous = latest_checkpoint(output_dir)
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(temporary)
-    except OSError as err:
+
+    def write_state_file() -> None:
         if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        raise OSError(
-            f"Writing checkpoint {final} failed ({err}); the previous checkpoint "
-            f"{latest_checkpoint(output_dir) or '(none)'} is intact."
-        ) from err
-    accelerator.wait_for_everyone()
+            with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump({"step": step, **state}, handle)
+            _fsync_tree(temporary)
+
+    # every process writes its part, then the main process completes and flushes the folder once all are done
+    failure: BaseException | None
+    for write in (lambda: accelerator.save_state(temporary), write_state_file):
+        failure = None
+        try:
+            write()
+        # safetensors raises SafetensorError, torch.save a RuntimeError, open and fsync an OSError: all mean the same
+        except Exception as error:
+            failure = error
+        # a collective: every process learns of a failure on any of them, so that none waits for the others in vain
+        if _any_process(accelerator, failure is not None):
+            if accelerator.is_main_process:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise _write_error(failure, final, output_dir, previous) from failure
     if accelerator.is_main_process:
-        with open(os.path.join(temporary, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"step": step, **state}, handle)
-        _fsync_tree(temporary)
-        shutil.rmtree(final, ignore_errors=True)
+        _discard(final)
         os.replace(temporary, final)
+        _fsync_folder(root)
         if save_total_limit:
             for old in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -118,6 +202,7 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "STATE_FILE",
     "checkpoint_root",
+    "describe_write_failure",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -42,7 +43,14 @@ from accelerate.utils import gather_object
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 from datasets import Image as ImageFeature
 from torch import nn
-from transformers import EvalPrediction, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import (
+    EvalPrediction,
+    PreTrainedModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from xmodal import (
     XModalConfig,
@@ -688,6 +696,20 @@ def build_model(args: FinetuneArguments, labels: Sequence[str]) -> PreTrainedMod
     )
 
 
+class ClampLogitScale(TrainerCallback):
+    """Clamps the logit scale parameter into [0, log(max_logit_scale)] after every optimizer step, as CLIP's training
+    does: the forward pass clamps too, but a parameter left past the bound would get no gradient and stay stuck."""
+
+    def on_step_end(
+        self, args: TrainingArguments, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        model = getattr(model, "module", model)
+        logit_scale = getattr(model, "logit_scale", None)
+        if isinstance(logit_scale, torch.Tensor):
+            with torch.no_grad():
+                logit_scale.clamp_(0, math.log(model.config.max_logit_scale))
+
+
 class ContrastiveTrainer(Trainer):
     """`Trainer` for contrastive fine-tuning of the dual encoder (`XModalModel`, batches from `RetrievalCollator`).
 
@@ -700,6 +722,7 @@ class ContrastiveTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.add_callback(ClampLogitScale())
         config = self.model.config
         self.global_loss: ContrastiveLoss | None = None
         if self.args.world_size > 1:

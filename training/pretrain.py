@@ -16,11 +16,17 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -142,6 +148,14 @@ class PretrainArguments(DataArguments):
     max_nonfinite_steps: int = field(
         default=5, metadata={"help": "Consecutive steps with a non-finite loss (each skipped) that stop the run."}
     )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds a collective operation across processes (gradient all-reduce, gather, barrier) waits "
+            "before the run stops with an error, so that a process that died or hangs does not stall the others "
+            "forever (as transformers' TrainingArguments.ddp_timeout)."
+        },
+    )
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every this many steps too (0: only at the end)."})
     logging_steps: int = field(default=10, metadata={"help": "Log to the trackers every this many steps."})
     report_to: str = field(
@@ -177,7 +191,7 @@ class PretrainArguments(DataArguments):
             )
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
-        for name in ("gradient_accumulation_steps", "max_nonfinite_steps"):
+        for name in ("gradient_accumulation_steps", "max_nonfinite_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps", "unlocked_text_layers"):
@@ -373,14 +387,28 @@ def _trackers(value: str) -> list[str] | str | None:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def _process_group_timeout(seconds: int) -> InitProcessGroupKwargs:
+    """The collective-operation timeout as an Accelerate handler. Accelerate passes on only the values that differ
+    from a default handler's (600 s), so 600 s exactly would silently become torch's default for gloo (1800 s): it is
+    nudged by a microsecond."""
+    timeout = timedelta(seconds=seconds)
+    if timeout == InitProcessGroupKwargs().timeout:
+        timeout += timedelta(microseconds=1)
+    return InitProcessGroupKwargs(timeout=timeout)
+
+
 def build_accelerator(args: PretrainArguments) -> Accelerator:
     """The run's Accelerator: batches split across processes with an epoch-seeded sampler (exact resume), DDP that
-    tolerates parameters an objective does not use, optional trackers and torch.compile."""
+    tolerates parameters an objective does not use, a timeout on collective operations (`--ddp_timeout`: a process
+    that dies or hangs makes the others fail instead of waiting forever), optional trackers and torch.compile."""
     return Accelerator(
         mixed_precision=_mixed_precision(args.mixed_precision),
         # every process reads its own slice of each batch (rows may hold non-tensor bad-row reports)
         dataloader_config=DataLoaderConfiguration(split_batches=True, dispatch_batches=False),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=True),
+            _process_group_timeout(args.ddp_timeout),
+        ],
         # without an accelerator device, Accelerate only forms a multi-process (gloo) group when told to use the CPU
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         log_with=_trackers(args.report_to),
@@ -576,7 +604,12 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         text_augmentation=_text_augmentation(tokenizer) if args.multiview else None,
     )
     loader = _train_loader(data.train, SkipBadRows(collator), args, accelerator.num_processes)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate)
+    # torch's fused AdamW kernel (one pass over each parameter instead of a dozen elementwise ops; transformers'
+    # Trainer default) where the device has one
+    fused = accelerator.device.type in ("cpu", "cuda", "mps") or None
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate, fused=fused
+    )
     # stepped once per optimizer step by us (a prepared scheduler would step once per process)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

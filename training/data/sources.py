@@ -51,6 +51,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import PIL.Image
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import (
     Dataset,
@@ -65,7 +67,7 @@ from datasets import (
 )
 from datasets import Image as ImageFeature
 from datasets.data_files import DataFilesDict, sanitize_patterns
-from datasets.exceptions import DatasetNotFoundError
+from datasets.exceptions import DatasetGenerationError, DatasetNotFoundError
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
@@ -128,16 +130,61 @@ def _resolve_image_paths(
         if not path:
             resolved.append(None)
             continue
-        # lexical check (no symlink resolution): links placed inside the root by its owner are followed
+        # lexical check, as datasets' imagefolder does (see _inside_root)
         full = os.path.normpath(os.path.join(root, path))
-        if os.path.commonpath([root, full]) != root:
+        if "://" in path or os.path.commonpath([root, full]) != root:
             raise ValueError(
                 f"Row {index} (counting from 0) of {data_file} ({column}={path!r}) points outside the folder of its "
-                f"table, {root}: image paths must be relative to that folder (no '..' escaping it) or absolute "
-                "paths inside it."
+                f"table, {root}: image paths must be relative to that folder (no '..' escaping it, no URL) or "
+                "absolute paths inside it."
             )
         resolved.append(full)
     return {column: resolved}
+
+
+def _inside_root(folders: Sequence[str], path: str) -> bool:
+    """Whether a stored image path names a file inside one of `folders` (a dataset's folder as given and as its real
+    path, both absolute and normalised). A relative path counts from the working directory, where decoding would
+    open it.
+
+    The check is lexical, like datasets' own check of imagefolder `file_name`s: `..` and absolute paths elsewhere
+    escape, a symbolic link inside the folder is followed (the folder's owner placed it; resolving every link would
+    also refuse the common layout of an image folder linked from a larger disk). URLs escape too, except datasets'
+    archive members `zip://<member>::<archive>` whose archive is inside the folder."""
+    if "::" in path and path.startswith("zip://"):
+        path = path.rsplit("::", 1)[-1]
+    if "://" in path:
+        return False
+    full = os.path.abspath(path)
+    return any(os.path.commonpath([folder, full]) == folder for folder in folders)
+
+
+def _check_stored_image_paths(dataset: Dataset, root: str, where: str) -> None:
+    """Refuses a local dataset whose images are stored as paths (no bytes) outside its folder `root`: a parquet or
+    JSON dataset can hold any path, and decoding would read that file (or fetch that URL)."""
+    column = dataset.data.column(IMAGE_COLUMN)
+    if not pa.types.is_struct(column.type) or column.type.get_field_index("path") < 0:
+        return
+    folders = sorted({root, os.path.realpath(root)})
+    start = 0
+    for chunk in column.chunks:
+        fields = dict(zip((field.name for field in chunk.type), chunk.flatten()))
+        paths = fields["path"]
+        path_only = pc.is_valid(paths)
+        if "bytes" in fields:
+            path_only = pc.and_(path_only, pc.is_null(fields["bytes"]))
+        # the vectorised test passes the usual case (paths under the folder without '..'); the rest is checked exactly
+        under = [pc.starts_with(paths, os.path.join(folder, "")) for folder in folders]
+        plain = pc.and_(under[0] if len(under) == 1 else pc.or_(*under), pc.invert(pc.match_substring(paths, "..")))
+        suspicious = pc.fill_null(pc.and_(path_only, pc.invert(plain)), False)
+        for index in pc.indices_nonzero(suspicious).to_pylist():
+            path = paths[index].as_py()
+            if not _inside_root(folders, path):
+                raise ValueError(
+                    f"Row {start + index} (counting from 0) of {where} stores its image as the path {path!r}, outside "
+                    f"the dataset's folder {root}: images stored by path must lie inside that folder."
+                )
+        start += len(chunk)
 
 
 def _load_table_file(
@@ -285,10 +332,12 @@ def load_image_text_dataset(
     * a caption table: a ``.csv``, ``.tsv``, ``.json`` or ``.jsonl`` file (or ``"csv"`` / ``"json"`` with
       ``data_files``: paths, glob patterns, or a dict split -> paths) whose ``image_column`` holds image paths.
       Relative paths resolve against the folder of the file that holds them; a path that leaves that folder
-      (``..``, an absolute path elsewhere) raises a ``ValueError`` naming the file and the row. JSON captions may be
-      lists of strings.
+      (``..``, an absolute path elsewhere, a URL) raises a ``ValueError`` naming the file and the row (a symbolic
+      link inside the folder is followed, see the directory source). JSON captions may be lists of strings.
     * an existing local directory: anything :func:`datasets.load_dataset` reads from a folder, e.g. an imagefolder
-      (images plus ``metadata.jsonl`` with ``file_name`` and caption fields).
+      (images plus ``metadata.jsonl`` with ``file_name`` and caption fields). Images stored as paths (imagefolder
+      ``file_name``s, path-only images of parquet or JSON files) must lie inside the folder: ``..``, absolute paths
+      elsewhere and URLs raise a ``ValueError``. The check is lexical: a symbolic link inside the folder is followed.
     * any other name: :func:`datasets.load_dataset` (a Hub dataset, or a builder such as ``"imagefolder"`` or
       ``"parquet"`` with ``data_files``) whose ``image_column`` is a :class:`datasets.Image` feature.
 
@@ -320,8 +369,8 @@ def load_image_text_dataset(
 
     Raises:
         ValueError: unknown source (the message lists the accepted ones), unknown split, missing column (the message
-            lists the available ones), an empty dataset or split, an image path outside its table's folder, or
-            streaming options without ``streaming=True``.
+            lists the available ones), an empty dataset or split, an image path outside its table's or its
+            directory's folder, or streaming options without ``streaming=True``.
         TypeError: the image or caption column does not hold images or captions.
     """
     if shuffle_buffer_size is not None:
@@ -366,6 +415,11 @@ def load_image_text_dataset(
             dataset = load_dataset(source, data_files=data_files, split=split, streaming=load_streaming, **kwargs)
         except DatasetNotFoundError as error:
             raise ValueError(f"Unknown source {source!r}: {error} Accepted sources: {_ACCEPTED_SOURCES}.") from error
+        except DatasetGenerationError as error:
+            # datasets wraps what went wrong (e.g. an imagefolder `file_name` escaping the folder) in a generic error
+            if isinstance(error.__cause__, ValueError):
+                raise ValueError(f"Could not read the source {source!r}: {error.__cause__}") from error
+            raise
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         dataset = type(dataset)(
             {
@@ -375,6 +429,11 @@ def load_image_text_dataset(
         )
     else:
         dataset = _normalise(dataset, image_column, text_column, where)
+    if kind == "directory":
+        root = os.path.normpath(os.path.abspath(source))
+        parts = dataset.items() if isinstance(dataset, DatasetDict) else [(split, dataset)]
+        for name, part in parts:
+            _check_stored_image_paths(part, root, f"source {source!r}" + (f", split {name!r}" if name else ""))
     if streaming and isinstance(dataset, Dataset):
         dataset = _to_iterable(dataset, num_shards)
     elif streaming and isinstance(dataset, DatasetDict):
