@@ -106,13 +106,13 @@ def check_compiled(
     on_device(lambda: forward_backward("eager", model), device, dtype)()
     loss_tolerance, gradient_tolerance = (1e-4, 1e-3) if dtype is None else (1e-2, 5e-2)
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=loss_tolerance, atol=loss_tolerance / 10)
-    compiled_parameters = dict(compiled.named_parameters())
+    compiled_parameters = {name.removeprefix("_orig_mod."): p for name, p in compiled.named_parameters()}
     gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     # gradients that are zero in exact arithmetic (e.g. a key bias: softmax ignores a shift) are compared to the
     # largest gradient of the model instead of to themselves
     floor = gradient_tolerance * max(float(grad.abs().max()) for grad in gradients.values())
     for name, grad in gradients.items():
-        other = compiled_parameters[f"_orig_mod.{name}"].grad
+        other = compiled_parameters[name].grad
         difference = float((other - grad).abs().max()) / max(float(grad.abs().max()), floor)
         if difference > gradient_tolerance:
             raise AssertionError(f"Compiled gradient of {name} differs from eager by {difference:.2e} (relative).")
@@ -214,7 +214,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         markdown_table(header, rows),
         "",
-        f"    {payload['command']}",
+        f"`{payload['command']}`",
     ])
 
 
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     payload = {
         "machine": machine(),
-        "command": "python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("python bench/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision,
         "gemm_size": args.gemm_size,
