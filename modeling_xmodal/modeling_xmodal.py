@@ -152,7 +152,8 @@ def _check_text_inputs(
         ("position_ids", position_ids, max_positions, "max_position_embeddings"),
     ]
     tables = [(name, ids, size, field) for name, ids, size, field in tables if ids is not None and size is not None]
-    if not tables:
+    if not tables or torch.compiler.is_compiling():
+        # a compiled graph cannot branch on values without breaking; the eager call at the boundary checks them
         return
     device = tables[0][1].device
     extremes = [torch.stack([ids.min(), ids.max()]).long().to(device) for _, ids, _, _ in tables]
@@ -505,7 +506,8 @@ def eager_attention_forward(
 def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`(B, L)` 1/0 key-padding mask -> additive `(B, 1, 1, L)` mask, or None when nothing is padded (so sdpa can
     take its unmasked fast path)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
+        # compiled: always the mask (no data-dependent branch, so no graph break)
         return None
     mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     mask = mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)

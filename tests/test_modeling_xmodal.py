@@ -340,3 +340,12 @@ def test_config_round_trip(tmp_path):
     without_path = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731
     assert without_path(reloaded) == without_path(config)
     assert reloaded.cross_config.direction == "both"
+
+
+def test_contrastive_forward_compiles_without_graph_breaks(tester):
+    """torch.compile traces the contrastive forward (padded texts included) as one graph: input checks that need tensor
+    values and the all-unpadded fast path are skipped under compilation, not broken around."""
+    model = XModalModel(tester.get_config())
+    explanation = torch._dynamo.explain(model)(**tester.get_inputs(padded=True), return_loss=True)
+    assert explanation.graph_break_count == 0, [str(reason.reason)[:200] for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
