@@ -99,3 +99,13 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("pretrained")
     save_tiny_model(folder)
     return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each test starts without an Accelerate state: a run with mixed precision (e.g. bf16) in one test must not make
+    the next test's `Accelerator()` fail ("AcceleratorState has already been initialized")."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
