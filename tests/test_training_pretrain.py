@@ -245,3 +245,14 @@ def test_itm_learns_on_the_embedded_data(tmp_path):
     )
     curve = pretrain(args)["objective_losses"]["itm"]
     assert sum(curve[-20:]) / 20 < sum(curve[:20]) / 20 - 0.08, curve[::10]
+
+
+def test_fp16_without_a_gpu_is_refused_rather_than_ignored(monkeypatch):
+    """Accelerate silently trains in fp32 when asked for fp16 without a CUDA/MPS device; xmodal refuses instead."""
+    from xmodal.training.pretrain import _mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--mixed_precision fp16 needs a CUDA or MPS device"):
+        _mixed_precision("fp16")
+    assert _mixed_precision("auto") == "no" and _mixed_precision("bf16") == "bf16"

@@ -372,6 +372,12 @@ def _train_loader(
 
 
 def _mixed_precision(value: str) -> str:
+    """`--mixed_precision` for Accelerate: `auto` picks bf16/fp16 on CUDA and none elsewhere. fp16 without a CUDA or MPS
+    device is refused: Accelerate would silently train in fp32."""
+    if value == "fp16" and not (torch.cuda.is_available() or torch.backends.mps.is_available()):
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA or MPS device; on this CPU-only machine use bf16 or no (or auto)."
+        )
     if value != "auto":
         return value
     if torch.cuda.is_available():
