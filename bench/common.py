@@ -263,20 +263,24 @@ def publish(name: str, payload: dict[str, Any], markdown: str, write: bool = Tru
 SMOKE_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
 
 
-def preset_config(preset: str, smoke: bool = False) -> Any:
-    """The preset's `XModalConfig`; with `smoke`, the preset shrunk to 1-layer, 32-wide towers on 16 px images (for
-    the tests that check each benchmark runs)."""
+def smoke_overrides(image_size: int = 16) -> dict[str, Any]:
+    """`XModalConfig` fields that shrink a preset to 1-layer, 32-wide towers on `image_size` px images with patch 8
+    (for the tests that check each benchmark runs)."""
+    return {
+        "vision_config": {**SMOKE_TOWER, "image_size": image_size, "patch_size": 8},
+        "text_config": {**SMOKE_TOWER, "vocab_size": 64},
+        "cross_config": SMOKE_TOWER,
+        "projection_dim": 16,
+    }
+
+
+def preset_config(preset: str, smoke: bool = False, image_size: int | None = None) -> Any:
+    """The preset's `XModalConfig` (at `image_size` px when given); with `smoke`, shrunk by `smoke_overrides`."""
     from xmodal import XModalConfig
 
-    if not smoke:
-        return XModalConfig.from_preset(preset)
-    return XModalConfig.from_preset(
-        preset,
-        vision_config={**SMOKE_TOWER, "image_size": 16, "patch_size": 8},
-        text_config={**SMOKE_TOWER, "vocab_size": 64},
-        cross_config=SMOKE_TOWER,
-        projection_dim=16,
-    )
+    if smoke:
+        return XModalConfig.from_preset(preset, **smoke_overrides(image_size or 16))
+    return XModalConfig.from_preset(preset, vision_config={} if image_size is None else {"image_size": image_size})
 
 
 def on_device(step: Callable[[], None], device: torch.device, dtype: torch.dtype | None = None) -> Callable[[], None]:

@@ -41,12 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    SMOKE_TOWER,
     machine,
     machine_line,
     markdown_table,
     median,
     publish,
+    smoke_overrides,
     time_alternating,
 )
 
@@ -222,14 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         args.workers, args.batch_size, args.num_train_examples = [0, 1], 4, 16
         args.batches_per_run, args.loop_steps, args.repeats, args.warmup = 1, 1, 1, 0
-        args.config_overrides = json.dumps(
-            {
-                "vision_config": {**SMOKE_TOWER, "image_size": 16, "patch_size": 8},
-                "text_config": SMOKE_TOWER,
-                "cross_config": SMOKE_TOWER,
-                "projection_dim": 16,
-            }
-        )
+        args.config_overrides = json.dumps(smoke_overrides())
     results: dict[str, Any] = {
         "machine": machine(),
         "preset": args.preset,

@@ -26,32 +26,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    SMOKE_TOWER,
     contrastive_train_step,
     machine,
     machine_line,
     markdown_table,
     median,
+    preset_config,
     publish,
     random_image_text_batch,
     time_alternating,
 )
 
-from xmodal import XModalConfig, XModalModel  # noqa: E402
-
-
-def model_config(args: argparse.Namespace, image_size: int | None = None) -> XModalConfig:
-    """The preset's config (its image size, or `image_size`); under --smoke, 1-layer 32-wide towers with patch 8."""
-    vision: dict[str, Any] = {} if image_size is None else {"image_size": image_size}
-    if not args.smoke:
-        return XModalConfig.from_preset(args.preset, vision_config=vision)
-    return XModalConfig.from_preset(
-        args.preset,
-        vision_config={**SMOKE_TOWER, "image_size": 16, "patch_size": 8, **vision},
-        text_config={**SMOKE_TOWER, "vocab_size": 64},
-        cross_config=SMOKE_TOWER,
-        projection_dim=16,
-    )
+from xmodal import XModalModel  # noqa: E402
 
 
 def row(batch_size: int, values: list[float], **fields: Any) -> dict[str, Any]:
@@ -66,7 +52,7 @@ def row(batch_size: int, values: list[float], **fields: Any) -> dict[str, Any]:
 
 def batch_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    config = model_config(args)
+    config = preset_config(args.preset, args.smoke)
     model = XModalModel(config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     steps = {
@@ -91,7 +77,7 @@ def image_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for image_size in args.image_sizes:
         torch.manual_seed(0)
-        config = model_config(args, image_size)
+        config = preset_config(args.preset, args.smoke, image_size)
         model = XModalModel(config)
         inputs = random_image_text_batch(
             args.image_batch_size, image_size, args.text_length, config.text_config.vocab_size, seed=image_size
