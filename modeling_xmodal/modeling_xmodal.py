@@ -305,20 +305,72 @@ class XModalFusionOutput(ModelOutput):
 # --------------------------------------------------------------------------------------------------------------
 
 
+_LOSS_CHUNK_ELEMENTS = 1 << 20
+"""Rows of a `B x B` logits matrix are processed in chunks of about this many elements (4 MiB in fp32)."""
+
+
+def _row_slices(size: int) -> list[slice]:
+    """Slices of the rows of a `(size, size)` matrix, each about `_LOSS_CHUNK_ELEMENTS` elements."""
+    step = max(1, _LOSS_CHUNK_ELEMENTS // size)
+    return [slice(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+class _SymmetricInfoNCE(torch.autograd.Function):
+    """The symmetric InfoNCE loss of a square logits matrix X `(B, B)`, fused: the forward keeps only the row and
+    column log-sum-exps `(B,)` besides X, and the backward writes dL/dX = (softmax_rows(X) + softmax_columns(X)
+    - 2 Q) / 2B (Q the smoothed one-hot targets) into one new `(B, B)` matrix. Temporaries are row chunks, so the
+    peak is X and its gradient, where two cross-entropies keep four `B x B` matrices (two log-softmax outputs and
+    two gradients). Computed in fp32 at least: fp16/bf16 logits give an fp32 loss, as autocast's cross-entropy does,
+    and a gradient in their own dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+        size, dtype = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
+        x = logits.to(dtype)
+        row_lse = torch.empty(size, dtype=dtype, device=logits.device)
+        column_lse = torch.full((size,), float("-inf"), dtype=dtype, device=logits.device)
+        for rows in _row_slices(size):
+            row_lse[rows] = torch.logsumexp(x[rows], dim=1)
+            column_lse = torch.logaddexp(column_lse, torch.logsumexp(x[rows], dim=0))
+        diagonal_mean = x.diagonal().mean()
+        # CE with smoothing e: (1 - e)(lse_i - x_ii) + e (lse_i - mean_j x_ij), averaged over i, for rows and columns
+        loss = (row_lse.mean() + column_lse.mean()) / 2 - (1 - label_smoothing) * diagonal_mean
+        if label_smoothing:
+            loss = loss - label_smoothing * x.mean()
+        ctx.save_for_backward(logits, row_lse, column_lse)
+        ctx.label_smoothing = label_smoothing
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, row_lse, column_lse = ctx.saved_tensors
+        size, smoothing, dtype = logits.shape[0], ctx.label_smoothing, row_lse.dtype
+        grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        for rows in _row_slices(size):
+            chunk = logits[rows].to(dtype)
+            torch.sub(chunk, row_lse[rows, None], out=grad[rows]).exp_()
+            grad[rows].add_(chunk.sub(column_lse[None, :]).exp_())
+        if smoothing:
+            grad.sub_(2 * smoothing / size)
+        grad.diagonal().sub_(2 * (1 - smoothing))
+        grad.mul_(grad_output.to(dtype) / (2 * size))
+        return grad.to(logits.dtype), None
+
+
 def contrastive_loss(logits_per_text: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     r"""Symmetric InfoNCE / NT-Xent loss (CLIP; Chen et al. 2020) over a square similarity matrix.
 
     For pairs (i, i), L = 1/2 [ -1/N sum_i log softmax_j(s_ij / t) - 1/N sum_i log softmax_j(s_ji / t) ],
-    where `logits_per_text` already holds s_ij / t.
+    where `logits_per_text` already holds s_ij / t. Equal to the mean of two `F.cross_entropy` calls (rows and
+    columns) with the same label smoothing, but fused: its memory peak is the logits matrix and its gradient.
 
     Args:
         logits_per_text (`torch.Tensor` of shape `(batch_size, batch_size)`): text rows, image columns.
         label_smoothing (`float`): label smoothing of both cross-entropies.
     """
-    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
-    forward = F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
-    backward = F.cross_entropy(logits_per_text.t(), labels, label_smoothing=label_smoothing)
-    return (forward + backward) / 2.0
+    if logits_per_text.ndim != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
+        raise ValueError(f"contrastive_loss needs a square logits matrix, got shape {tuple(logits_per_text.shape)}.")
+    return _SymmetricInfoNCE.apply(logits_per_text, float(label_smoothing))
 
 
 def negatives_contrastive_loss(
@@ -514,6 +566,33 @@ def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dty
     return mask[:, None, None, :]
 
 
+@dataclass
+class _TokenPacking:
+    """Where the real tokens of a right- or left-padded `(B, L)` batch lie, so that the token-wise work of a layer
+    (LayerNorm, projections, MLP) runs on the `N` real tokens alone, as in unpadded BERT training (Portes et al.
+    2023, MosaicBERT); only the attention core sees the padded `(B, L)` layout. Skipped tokens are padding, which
+    the key mask hides from every real token, so the real tokens' outputs do not change."""
+
+    index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * L) layout
+    batch_size: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> _TokenPacking:
+        """From a `(B, L)` 1/0 mask with some padding."""
+        batch_size, length = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), batch_size, length)
+
+    def unpad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, L, C)` -> `(N, C)`."""
+        return tokens.reshape(self.batch_size * self.length, -1).index_select(0, self.index)
+
+    def pad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(N, C)` -> `(B, L, C)`, zeros at the padding."""
+        padded = tokens.new_zeros(self.batch_size * self.length, tokens.shape[-1]).index_copy(0, self.index, tokens)
+        return padded.view(self.batch_size, self.length, -1)
+
+
 def _keep_visible(tokens: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
     """`(B, N, D)` tokens and a `(B, N)` mask with the same number of True entries per row -> the unmasked tokens
     `(B, N - num_masked, D)`, in their original order."""
@@ -588,10 +667,19 @@ class XModalAttention(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
+        packing: _TokenPacking | None = None,
     ) -> torch.Tensor:
         """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)` (or `(M, Lk, C)` with `encoder_index`
         `(B,)` picking row `encoder_index[b]` for query row b: each context is projected once however often it is
-        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`."""
+        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`. With `packing` (self-attention),
+        `hidden_states` are the `(N, C)` real tokens of a padded batch and so is the output."""
+        if packing is not None:
+            if self.is_cross_attention or cache is not None:
+                raise ValueError("Packed tokens are supported in uncached self-attention only.")
+            qkv = packing.pad(self.qkv_proj(hidden_states))  # (N, 3C) -> (B, L, 3C), the projection on real tokens
+            batch_size, query_length = packing.batch_size, packing.length
+            query, key, value = qkv.view(batch_size, query_length, 3, self.num_heads, self.head_dim).unbind(dim=2)
+            return self.out_proj(packing.unpad(self._attend(query, key, value, attention_mask)))
         batch_size, query_length, _ = hidden_states.shape
         if self.is_cross_attention:
             query = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.head_dim)
@@ -604,6 +692,19 @@ class XModalAttention(nn.Module):
         else:
             qkv = self.qkv_proj(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.unbind(dim=2)
+        return self.out_proj(self._attend(query, key, value, attention_mask, cache))
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Per-head `query` `(B, Lq, H, D)`, `key`/`value` `(B, Lk, H, D)` -> attention output `(B, Lq, C)`, before
+        the output projection."""
+        batch_size, query_length = query.shape[:2]
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, L, D)
         if cache is not None and not self.is_cross_attention:
             key, value = cache.update(key, value, self.layer_idx)
@@ -619,7 +720,7 @@ class XModalAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.dropout if self.training else 0.0,
         )
-        return self.out_proj(attn_output.reshape(batch_size, query_length, self.embed_dim))
+        return attn_output.reshape(batch_size, query_length, self.embed_dim)
 
 
 class XModalMLP(nn.Module):
@@ -670,10 +771,12 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
+        packing: _TokenPacking | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(B, L, C)`; masks are additive `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or
-        `(M, Lk, C)` indexed by `encoder_index` `(B,)` (unpadded contexts only)."""
-        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache)
+        """`hidden_states` `(B, L, C)`, or the `(N, C)` real tokens with `packing`; masks are additive
+        `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or `(M, Lk, C)` indexed by `encoder_index` `(B,)`
+        (unpadded contexts only)."""
+        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache, packing=packing)
         hidden_states = hidden_states + self.dropout(attended)
         if self.has_cross_attention:
             context = self.context_layer_norm(encoder_hidden_states)
@@ -696,12 +799,17 @@ class XModalEncoder(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        packing: _TokenPacking | None = None,
     ) -> BaseModelOutput:
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        """`hidden_states` `(B, L, C)` and an additive `attention_mask` `(B, 1, 1, L)`. With `packing`, the layers run
+        on the `(N, C)` real tokens of the padded batch: `last_hidden_state` is `(N, C)`, while `hidden_states`
+        (when asked) are padded back to `(B, L, C)`, zeros at the padding."""
+        padded = packing.pad if packing is not None else (lambda tokens: tokens)
+        all_hidden_states = (padded(hidden_states),) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask)
+            hidden_states = layer(hidden_states, attention_mask, packing=packing)
             if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
+                all_hidden_states = all_hidden_states + (padded(hidden_states),)
         return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
 
 
@@ -883,11 +991,18 @@ class XModalTextEmbeddings(nn.Module):
 
 class XModalTextTransformer(nn.Module):
     """The built-in BERT-style bidirectional text tower: `input_ids` `(B, L)` (or word embeddings `inputs_embeds`
-    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm."""
+    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm.
+
+    On CPU a padded batch runs unpadded: the projections, MLPs and LayerNorms see only the real tokens (see
+    `_TokenPacking`), so padding costs no compute outside attention; the outputs at padding positions are zeros.
+    `skip_padding` (default None: on CPU only) sets where: on a GPU, gathering the real tokens needs a host
+    synchronisation that cost more than the padding in `bench/train_step.py` (H200, bf16). Under `torch.compile`
+    the padded layout is always kept (no data-dependent shapes)."""
 
     def __init__(self, config: XModalTextConfig) -> None:
         super().__init__()
         self.config = config
+        self.skip_padding: bool | None = None
         self.embeddings = XModalTextEmbeddings(config)
         self.encoder = XModalEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -914,8 +1029,14 @@ class XModalTextTransformer(nn.Module):
             input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
         mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
-        outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states)
-        outputs.last_hidden_state = self.final_layer_norm(outputs.last_hidden_state)
+        packing = None
+        skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
+        if mask is not None and skip and not torch.compiler.is_compiling():
+            packing = _TokenPacking.from_mask(attention_mask)
+            hidden_states = packing.unpad(hidden_states)  # (N, D)
+        outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states, packing=packing)
+        last_hidden_state = self.final_layer_norm(outputs.last_hidden_state)
+        outputs.last_hidden_state = packing.pad(last_hidden_state) if packing is not None else last_hidden_state
         return outputs
 
 

@@ -13,6 +13,8 @@ import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
+from xmodal import contrastive_loss
+
 
 def _world() -> tuple[int, int]:
     """`(rank, world_size)` of the default process group, `(0, 1)` without one."""
@@ -92,15 +94,13 @@ class ContrastiveLoss(nn.Module):
         rank, _ = _world()
         all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
         batch_size = image_embeds.shape[0]
-        if self.local_loss:
-            logits_per_image = logit_scale * image_embeds @ all_texts.t()  # (B, N B)
-            logits_per_text = logit_scale * text_embeds @ all_images.t()
-            labels = torch.arange(batch_size, device=image_embeds.device) + rank * batch_size
-        else:
-            logits_per_image = logit_scale * all_images @ all_texts.t()  # (N B, N B)
-            logits_per_text = logits_per_image.t()
-            labels = torch.arange(all_images.shape[0], device=image_embeds.device)
         smoothing = self.label_smoothing
+        if not self.local_loss:
+            # the fused loss: the (N B, N B) logits and their gradient are the only square matrices it keeps
+            return contrastive_loss(logit_scale * all_texts @ all_images.t(), smoothing)
+        logits_per_image = logit_scale * image_embeds @ all_texts.t()  # (B, N B)
+        logits_per_text = logit_scale * text_embeds @ all_images.t()
+        labels = torch.arange(batch_size, device=image_embeds.device) + rank * batch_size
         return (
             F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing)
             + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)

@@ -1,0 +1,130 @@
+"""The text tower skips padding (`_TokenPacking`): a padded batch gives each caption's outputs as if it ran alone,
+the same losses and gradients as the padded computation, zeros at the padding, and works with left padding,
+gradient checkpointing, hidden states and the multi-task model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xmodal import XModalForPreTraining, XModalModel
+
+
+def _padded_and_reference(model: XModalModel, inputs: dict[str, torch.Tensor]) -> tuple[object, object]:
+    """Text features of the padded batch, skipping the padding and computing it (`skip_padding = False`)."""
+    text = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    skipped = model.get_text_features(**text, output_hidden_states=True)
+    model.text_model.skip_padding = False
+    try:
+        computed = model.get_text_features(**text, output_hidden_states=True)
+    finally:
+        model.text_model.skip_padding = None
+    return skipped, computed
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_each_caption_as_if_alone(tester, pooling: str) -> None:
+    model = XModalModel(tester.get_config(text_pooling=pooling)).eval()
+    inputs = tester.get_inputs()
+    with torch.no_grad():
+        batch = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        for row, length in enumerate(inputs["attention_mask"].sum(dim=1).tolist()):
+            alone = model.get_text_features(input_ids=inputs["input_ids"][row : row + 1, :length])
+            torch.testing.assert_close(batch.pooler_output[row], alone.pooler_output[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batch.last_hidden_state[row, :length], alone.last_hidden_state[0], atol=1e-5, rtol=1e-5
+            )
+            # the padding positions are not computed: zeros
+            assert torch.count_nonzero(batch.last_hidden_state[row, length:]) == 0
+
+
+def test_same_outputs_as_the_padded_computation(tester) -> None:
+    model = XModalModel(tester.get_config()).eval()
+    inputs = tester.get_inputs()
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        skipped, computed = _padded_and_reference(model, inputs)
+    torch.testing.assert_close(skipped.pooler_output, computed.pooler_output, atol=1e-5, rtol=1e-5)
+    assert len(skipped.hidden_states) == len(computed.hidden_states) == tester.num_layers + 1
+    for ours, theirs in zip(skipped.hidden_states, computed.hidden_states):
+        assert ours.shape == theirs.shape == (tester.batch_size, tester.seq_length, tester.hidden_size)
+        torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-5, rtol=1e-5)
+        assert torch.count_nonzero(ours[~mask]) == 0
+
+
+def test_left_padding(tester) -> None:
+    # mean pooling: [CLS] pooling of a left-padded row would read a padding position in either path
+    model = XModalModel(tester.get_config(text_pooling="mean")).eval()
+    inputs = tester.get_inputs()
+    lengths = inputs["attention_mask"].sum(dim=1)
+    # move each caption to the right end of its row
+    left_ids = torch.zeros_like(inputs["input_ids"])
+    left_mask = torch.zeros_like(inputs["attention_mask"])
+    for row, length in enumerate(lengths.tolist()):
+        left_ids[row, -length:] = inputs["input_ids"][row, :length]
+        left_mask[row, -length:] = 1
+    with torch.no_grad():
+        left = model.get_text_features(input_ids=left_ids, attention_mask=left_mask)
+        model.text_model.skip_padding = False
+        reference = model.get_text_features(input_ids=left_ids, attention_mask=left_mask)
+    torch.testing.assert_close(left.pooler_output, reference.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_loss_and_gradients(tester, checkpointing: bool) -> None:
+    torch.manual_seed(0)
+    model = XModalModel(tester.get_config())
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    inputs = tester.get_inputs()
+    results = []
+    for skip in (True, False):
+        model.text_model.skip_padding = skip
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, return_loss=True).loss
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (loss, grads), (reference_loss, reference_grads) = results
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    assert {name for name, _ in model.text_model.named_parameters(prefix="text_model")} <= grads.keys()
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_unpadded_batch_takes_the_plain_path(tester) -> None:
+    """Without padding nothing is gathered: the outputs are bitwise those of `skip_padding = False`."""
+    model = XModalModel(tester.get_config()).eval()
+    inputs = tester.get_inputs(padded=False)
+    with torch.no_grad():
+        skipped, computed = _padded_and_reference(model, inputs)
+    assert torch.equal(skipped.last_hidden_state, computed.last_hidden_state)
+
+
+def test_multitask_losses_unchanged(tester) -> None:
+    """Every objective of the pretraining model (MLM, ITM, VQA, captioning, fusion on the text tokens) gives the same
+    losses and gradients."""
+    torch.manual_seed(0)
+    model = XModalForPreTraining(tester.get_config(num_labels=5)).train()
+    inputs = tester.get_inputs()
+    generator = torch.Generator().manual_seed(1)
+    inputs["question_input_ids"] = torch.randint(5, tester.vocab_size, (tester.batch_size, 5), generator=generator)
+    inputs["question_attention_mask"] = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 3 + [0] * 2])
+    inputs["vqa_labels"] = torch.rand(tester.batch_size, 5, generator=generator)
+    results = []
+    for skip in (True, False):
+        model.text_model.skip_padding = skip
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same MLM masks and ITM negatives
+        output = model(**inputs, return_loss=True)
+        output.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((output.loss.detach(), grads))
+    (loss, grads), (reference_loss, reference_grads) = results
+    torch.testing.assert_close(loss, reference_loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], atol=1e-5, rtol=1e-4, msg=name)
