@@ -20,7 +20,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, core count, torch version and thread count."""
+    """CPU model, core count, torch version, thread count and, where CUDA is available, the GPU model."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -28,13 +28,17 @@ def machine() -> dict[str, Any]:
         cpu = names[0] if names else cpu
     except OSError:
         pass
-    return {
+    info = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 def time_alternating(
@@ -236,8 +240,9 @@ def child_result(process: subprocess.Popen) -> dict[str, Any]:
 
 def machine_line(info: dict[str, Any]) -> str:
     """`machine()` as one line for a results section."""
+    gpu = f"GPU: {info['gpu']} (CUDA {info['cuda']}), " if "gpu" in info else ""
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
+        f"Machine: {gpu}{info['cpu']}, {info['cores']} cores, {info['threads']} threads, torch {info['torch']}, "
         f"Python {info['python']}."
     )
 

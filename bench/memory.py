@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text_length", type=int, default=32)
     parser.add_argument("--loss_batches", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--track_batch", type=int, default=1024, help="B of the allocation tracker's op listing.")
+    parser.add_argument("--track_batch", type=int, default=4096, help="B of the allocation tracker's op listing.")
     parser.add_argument("--smoke", action="store_true", help="Tiny sizes (checks it runs); writes nothing.")
     parser.add_argument("--no_write", action="store_true", help="Print only; do not write bench/results/.")
     parser.add_argument("--child", choices=["step", "loss"], help=argparse.SUPPRESS)

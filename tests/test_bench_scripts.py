@@ -53,11 +53,13 @@ def run_smoke(monkeypatch, capsys, tmp_path):
 def test_inference(run_smoke):
     results, printed = run_smoke("inference")
     row = results["presets"]["tiny"]
-    for name in ("xmodal-image", "clip-image", "xmodal-text", "clip-text"):
+    for name in ("xmodal-image", "clip-image", "xmodal-text", "xmodal-text-padded", "clip-text"):
         assert row[name]["per_s"] > 0 and len(row[name]["runs_s"]) == 1
+    for name in ("xmodal-image", "clip-image", "xmodal-text", "clip-text"):
         assert row["parameters"][name] > 0
-    assert row["image_ratio"] > 0 and row["text_ratio"] > 0
+    assert row["image_ratio"] > 0 and row["text_ratio"] > 0 and row["text-padded_ratio"] > 0
     assert "| tiny | image |" in printed and "| tiny | text |" in printed
+    assert "| tiny | text (padding computed) |" in printed
 
 
 def test_clip_config_like_matches_the_xmodal_sizes(monkeypatch):
@@ -85,10 +87,24 @@ def check_memory(results: dict, printed: str) -> None:
         assert row["peak_rss"] >= row["resting_rss"] > 0 and row["adamw_state"] > 0
     assert set(results["loss"]["sizes"]) == {"64", "128"}
     for info in results["loss"]["tracked"]["ops"].values():
-        # the loss creates its logits (mm) and the two directions' log-softmax
-        assert info["square_ops"][:3] == ["mm", "_log_softmax", "_log_softmax"]
+        # the fused loss: the logits (mm), then its own row-chunk temporaries and the gradient; no log-softmax
+        assert info["square_ops"][0] == "mm" and "_log_softmax" not in info["square_ops"]
         assert info["peak_matrices"] >= 2
     assert "checkpointing" in printed and "Allocation tracker at B = 64" in printed
+
+
+def test_fused_contrastive_loss_keeps_the_logits_and_their_gradient(monkeypatch):
+    """The allocation tracker of bench/memory.py on both contrastive losses at B = 512, with row chunks of 32 rows:
+    at the peak only two B x B matrices are alive (the logits and their gradient) plus chunk temporaries."""
+    from xmodal import modeling_xmodal
+
+    memory = load("memory", monkeypatch)
+    monkeypatch.setattr(modeling_xmodal, "_LOSS_CHUNK_ELEMENTS", 32 * 512)
+    tracked = memory.square_allocations(512, 16)
+    assert set(tracked) == {"ContrastiveLoss", "XModalModel"}
+    for info in tracked.values():
+        assert len(info["square_alive_at_peak"]) == 2
+        assert 2 <= info["peak_matrices"] < 2.3
 
 
 def test_memory(run_smoke):
@@ -138,10 +154,13 @@ def test_scaling(run_smoke):
 def test_train_step(run_smoke):
     results, printed = run_smoke("train_step")
     (result,) = results["results"]
-    assert set(result["variants"]) == {"xmodal", "clip"}
+    assert set(result["variants"]) == {"xmodal", "xmodal-padded", "clip"}
     xmodal, clip = result["variants"]["xmodal"], result["variants"]["clip"]
-    # equal sizes: both models do the same counted work per step
-    assert xmodal["gflop_per_step"] == pytest.approx(clip["gflop_per_step"], rel=0.02) and xmodal["gflop_per_step"] > 0
+    padded = result["variants"]["xmodal-padded"]
+    # equal sizes: computing the padding, xmodal does the same counted work per step as CLIPModel; skipping it, less
+    assert padded["gflop_per_step"] == pytest.approx(clip["gflop_per_step"], rel=0.02) and padded["gflop_per_step"] > 0
+    assert 0 < xmodal["gflop_per_step"] < padded["gflop_per_step"]
+    assert padded["speedup_vs_clip"] > 0
     assert 0 < xmodal["mfu"] and len(xmodal["seconds"]) == 1
     assert xmodal["speedup_vs_clip"] > 0 and results["peak_gflops"] > 0
     assert "| tiny | xmodal |" in printed and "| tiny | clip |" in printed
