@@ -673,9 +673,7 @@ class XModalAttention(nn.Module):
         `(B,)` picking row `encoder_index[b]` for query row b: each context is projected once however often it is
         used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`. With `packing` (self-attention),
         `hidden_states` are the `(N, C)` real tokens of a padded batch and so is the output."""
-        if packing is not None:
-            if self.is_cross_attention or cache is not None:
-                raise ValueError("Packed tokens are supported in uncached self-attention only.")
+        if packing is not None:  # uncached self-attention (the text tower)
             qkv = packing.pad(self.qkv_proj(hidden_states))  # (N, 3C) -> (B, L, 3C), the projection on real tokens
             batch_size, query_length = packing.batch_size, packing.length
             query, key, value = qkv.view(batch_size, query_length, 3, self.num_heads, self.head_dim).unbind(dim=2)
