@@ -62,6 +62,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(baseline: list[float], candidate: list[float]) -> dict[str, float]:
+    """Speed-up of `candidate` over `baseline` from runs timed in alternation: the ratio of each round
+    (`baseline[i] / candidate[i]`, two calls moments apart), so a drift of the machine's speed between rounds
+    cancels; returns the median, lowest and highest of the per-round ratios."""
+    ratios = [before / after for before, after in zip(baseline, candidate, strict=True)]
+    return {"median": median(ratios), "low": min(ratios), "high": max(ratios)}
+
+
+def ratio_cell(ratio: dict[str, float]) -> str:
+    """`**1.17x** (1.08-1.25)`: the median per-round ratio in bold, its range over the rounds after it."""
+    return f"**{ratio['median']:.2f}x** ({ratio['low']:.2f}-{ratio['high']:.2f})"
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Writes `bench/results/<name>.json` and returns its path."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

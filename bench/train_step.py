@@ -44,9 +44,11 @@ from common import (  # noqa: E402
     markdown_table,
     median,
     on_device,
+    paired_ratio,
     preset_config,
     publish,
     random_image_text_batch,
+    ratio_cell,
     time_alternating,
 )
 from transformers import CLIPModel  # noqa: E402
@@ -200,8 +202,8 @@ def bench_preset(
     for name in ("xmodal", "xmodal-padded", "xmodal-compiled"):
         if name in times:
             baseline = "clip-compiled" if name == "xmodal-compiled" else "clip"
-            result["variants"][name]["speedup_vs_clip"] = median(times[baseline]) / median(times[name])
-            result["variants"][name]["speedup_vs_clip_eager"] = median(times["clip"]) / median(times[name])
+            result["variants"][name]["speedup_vs_clip"] = paired_ratio(times[baseline], times[name])
+            result["variants"][name]["speedup_vs_clip_eager"] = paired_ratio(times["clip"], times[name])
     result["compile_seconds"] = compile_seconds
     return result
 
@@ -228,8 +230,8 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{variant['pairs_per_second']:.1f}",
                 f"{variant['gflop_per_step']:.1f}",
                 f"{variant['mfu']:.2f}",
-                f"**{speedup:.2f}x**" if speedup else "",
-                f"{speedup_eager:.2f}x" if speedup_eager else "",
+                ratio_cell(speedup) if speedup else "",
+                ratio_cell(speedup_eager).replace("**", "") if speedup_eager else "",
             ])
     header = ["preset", "model", "s/step", "pairs/s", "GFLOP/step", "MFU", "vs CLIP, same mode", "vs CLIP eager"]
     first = payload["results"][0]
@@ -242,7 +244,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['peak_gflops_before']:.1f} before and {payload['peak_gflops_after']:.1f} after the steps).",
         f"Batch {first['batch_size']} pairs, captions of 8 to {first['text_length']} tokens padded to "
         f"{first['text_length']}, {payload['precision']}, fused AdamW for "
-        f"both, median of {payload['repeats']} steps after {payload['warmup']} warm-up steps, models alternating. "
+        f"both, median of {payload['repeats']} steps after {payload['warmup']} warm-up steps, models alternating; a "
+        "ratio is the median of the per-round ratios (one step of each model per round), with their range. "
         + PADDING_NOTE[payload["device"] == "cpu"],
         "",
         markdown_table(header, rows),

@@ -57,9 +57,30 @@ def test_inference(run_smoke):
         assert row[name]["per_s"] > 0 and len(row[name]["runs_s"]) == 1
     for name in ("xmodal-image", "clip-image", "xmodal-text", "clip-text"):
         assert row["parameters"][name] > 0
-    assert row["image_ratio"] > 0 and row["text_ratio"] > 0 and row["text-padded_ratio"] > 0
+    for modality in ("image", "text", "text-padded"):
+        ratio = row[f"{modality}_ratio"]
+        assert 0 < ratio["low"] <= ratio["median"] <= ratio["high"]
+        # one round: the ratio is that round's, xmodal's embeddings/s over CLIP's
+        tower = modality.removesuffix("-padded")
+        expected = row[f"clip-{tower}"]["runs_s"][0] / row[f"xmodal-{modality}"]["runs_s"][0]
+        assert ratio["median"] == pytest.approx(expected, rel=0.01)
     assert "| tiny | image |" in printed and "| tiny | text |" in printed
     assert "| tiny | text (padding computed) |" in printed
+
+
+def test_paired_ratio_cancels_a_drift_between_rounds(monkeypatch):
+    """Per-round ratios: a machine slowing down 3x over the rounds leaves a constant 1.25x intact, while the
+    ratio of the medians would not be (the variants' medians fall on different rounds)."""
+    common = load("common", monkeypatch)
+    drift = [1.0, 1.5, 3.0, 2.0, 1.2]
+    baseline = [1.25 * d for d in drift]
+    candidate = [d * (1.0 if i % 2 else 0.98) for i, d in enumerate(drift)]
+    ratio = common.paired_ratio(baseline, candidate)
+    assert ratio["low"] == pytest.approx(1.25) and ratio["high"] == pytest.approx(1.25 / 0.98)
+    assert ratio["low"] <= ratio["median"] <= ratio["high"]
+    assert common.ratio_cell(ratio) == f"**{ratio['median']:.2f}x** (1.25-{1.25 / 0.98:.2f})"
+    with pytest.raises(ValueError):
+        common.paired_ratio([1.0, 2.0], [1.0])
 
 
 def test_clip_config_like_matches_the_xmodal_sizes(monkeypatch):
@@ -160,9 +181,10 @@ def test_train_step(run_smoke):
     # equal sizes: computing the padding, xmodal does the same counted work per step as CLIPModel; skipping it, less
     assert padded["gflop_per_step"] == pytest.approx(clip["gflop_per_step"], rel=0.02) and padded["gflop_per_step"] > 0
     assert 0 < xmodal["gflop_per_step"] < padded["gflop_per_step"]
-    assert padded["speedup_vs_clip"] > 0
+    assert padded["speedup_vs_clip"]["median"] == pytest.approx(clip["seconds"][0] / padded["seconds"][0])
     assert 0 < xmodal["mfu"] and len(xmodal["seconds"]) == 1
-    assert xmodal["speedup_vs_clip"] > 0 and results["peak_gflops"] > 0
+    assert xmodal["speedup_vs_clip"]["median"] == pytest.approx(clip["seconds"][0] / xmodal["seconds"][0])
+    assert results["peak_gflops"] > 0
     assert "| tiny | xmodal |" in printed and "| tiny | clip |" in printed
 
 
