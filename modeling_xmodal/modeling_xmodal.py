@@ -91,11 +91,12 @@ def _check_text_inputs(
     token_type_ids: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     inputs_embeds: torch.Tensor | None,
+    check_values: bool = True,
 ) -> None:
     """Raise a `TypeError`/`ValueError` naming the problem for text inputs the text tower (`config`, any model type)
     cannot take: non-tensors, wrong ranks or dtypes, an empty batch or sequence, a mask or ids of another shape than
-    `input_ids` `(batch_size, sequence_length)`, a sequence longer than `max_position_embeddings`, and ids outside
-    the embedding tables (one device sync for all id tensors together)."""
+    `input_ids` `(batch_size, sequence_length)`, a sequence longer than `max_position_embeddings`, and, with
+    `check_values`, ids outside the embedding tables (`_check_ranges`: one device sync for all id tensors)."""
     named = {
         "input_ids": input_ids,
         "inputs_embeds": inputs_embeds,
@@ -145,31 +146,72 @@ def _check_text_inputs(
             f"Sequence length {length} exceeds max_position_embeddings={max_positions}; truncate the text "
             "(processor(..., truncation=True, max_length=...))."
         )
+    if check_values:
+        _check_ranges(_text_id_ranges(config, input_ids, token_type_ids, position_ids))
+
+
+@dataclass
+class _Range:
+    """The values of `tensor` must lie in [0, `size`): `accepted_by` names who needs that and `what` the limit in the
+    error, `hint` says how to fix it."""
+
+    name: str
+    tensor: torch.Tensor
+    size: int
+    what: str
+    accepted_by: str = "the text tower"
+    hint: str = ""
+
+
+def _text_id_ranges(
+    config: PreTrainedConfig,
+    input_ids: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    accepted_by: str = "the text tower",
+    prefix: str = "",
+) -> list[_Range]:
+    """The embedding-table bounds of a text tower's (or decoder's) id tensors, for `_check_ranges`."""
     type_vocab_size = getattr(config, "type_vocab_size", None)
     tables = [
         ("input_ids", input_ids, getattr(config, "vocab_size", None), "vocab_size"),
         ("token_type_ids", token_type_ids, type_vocab_size or None, "type_vocab_size"),  # 0: no token types, ignored
-        ("position_ids", position_ids, max_positions, "max_position_embeddings"),
+        ("position_ids", position_ids, getattr(config, "max_position_embeddings", None), "max_position_embeddings"),
     ]
-    tables = [(name, ids, size, field) for name, ids, size, field in tables if ids is not None and size is not None]
-    if not tables or torch.compiler.is_compiling():
-        # a compiled graph cannot branch on values without breaking; the eager call at the boundary checks them
+    hint = (
+        " The tokenizer does not match the model: its vocabulary must fit text_config.vocab_size (after adding "
+        "tokens, call model.resize_token_embeddings(len(tokenizer)))."
+    )
+    return [
+        _Range(prefix + name, ids, size, f"{field}={size}", accepted_by, hint if name == "input_ids" else "")
+        for name, ids, size, field in tables
+        if ids is not None and isinstance(size, int) and ids.numel()
+    ]
+
+
+def _check_ranges(ranges: list[_Range]) -> None:
+    """Raise a `ValueError` naming the first tensor with a value outside its [0, size). Reading values on the host
+    waits for an accelerator to finish its queued work, so all tensors are read in one device synchronisation;
+    nothing is read under `torch.compile` (a branch on values would break the graph; the eager call at the model
+    boundary checks them)."""
+    if not ranges or torch.compiler.is_compiling():
         return
-    device = tables[0][1].device
-    extremes = [torch.stack([ids.min(), ids.max()]).long().to(device) for _, ids, _, _ in tables]
+    device = ranges[0].tensor.device
+    extremes = [torch.stack([check.tensor.min(), check.tensor.max()]).long().to(device) for check in ranges]
     bounds = torch.stack(extremes).tolist()  # the one device sync
-    for (name, _, size, field), (low, high) in zip(tables, bounds):
-        if low < 0 or high >= size:
-            hint = (
-                " The tokenizer does not match the model: its vocabulary must fit text_config.vocab_size (after adding "
-                "tokens, call model.resize_token_embeddings(len(tokenizer)))."
-                if name == "input_ids"
-                else ""
-            )
+    for check, (low, high) in zip(ranges, bounds, strict=True):
+        if low < 0 or high >= check.size:
             raise ValueError(
-                f"{name} hold ids from {low} to {high} (max id {high}); the text tower accepts [0, {size}) "
-                f"({field}={size}).{hint}"
+                f"{check.name} hold ids from {low} to {high} (max id {high}); {check.accepted_by} accepts "
+                f"[0, {check.size}) ({check.what}).{check.hint}"
             )
+
+
+def _host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor`'s values on the host costs nothing: a CPU tensor in eager mode. On an accelerator
+    a read (`bool(t.all())`, `int(t.max())`) waits for every queued kernel, so optional fast paths that need one
+    (skipping an all-ones mask) are only taken on CPU."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,22 +467,32 @@ def nt_xent_loss(
 
 def masked_language_modeling_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the positions whose label is not -100 (0 with a gradient when there are none):
-    `logits` `(B, L, V)`, `labels` `(B, L)`."""
-    if not bool((labels != -100).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    `logits` `(..., V)`, `labels` `(...)`."""
+    # the sum over the counted positions, not the mean: no host read to find out whether there are any
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return total / (labels != -100).sum().clamp(min=1)
 
 
-def vqa_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _vqa_label_ranges(labels: torch.Tensor, num_answers: int) -> list[_Range]:
+    """The bound of `(B,)` answer indices (none for soft scores), for `_check_ranges`."""
+    if labels.ndim != 1 or labels.dtype.is_floating_point or not labels.numel():
+        return []
+    return [_Range("VQA answer indices", labels, num_answers, f"num_answers={num_answers}", "the VQA head")]
+
+
+def vqa_loss(logits: torch.Tensor, labels: torch.Tensor, check_values: bool = True) -> torch.Tensor:
     """VQA-v2 soft-score loss: binary cross-entropy against the answer scores, times the number of answers (ViLT,
-    Anderson et al. 2018). `logits` `(B, A)`; `labels` `(B, A)` scores in [0, 1] or `(B,)` answer indices."""
+    Anderson et al. 2018). `logits` `(B, A)`; `labels` `(B, A)` scores in [0, 1] or `(B,)` answer indices (checked
+    to lie in [0, A) unless `check_values=False`, for a caller that checked them already)."""
     if labels.ndim == 1:
         if labels.dtype.is_floating_point:
             raise TypeError(
                 "1-D VQA labels must be integer answer indices; soft scores have shape (batch, num_answers)."
             )
-        if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[-1]:
-            raise ValueError(f"VQA answer indices must be in [0, {logits.shape[-1]}), got {labels.tolist()}.")
+        if check_values:
+            _check_ranges(_vqa_label_ranges(labels, logits.shape[-1]))
         labels = F.one_hot(labels, logits.shape[-1])
     if labels.shape != logits.shape:
         raise ValueError(f"VQA labels have shape {tuple(labels.shape)}, expected {tuple(logits.shape)}.")
@@ -557,9 +609,9 @@ def eager_attention_forward(
 
 def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """`(B, L)` 1/0 key-padding mask -> additive `(B, 1, 1, L)` mask, or None when nothing is padded (so sdpa can
-    take its unmasked fast path)."""
-    if attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all())):
-        # compiled: always the mask (no data-dependent branch, so no graph break)
+    take its unmasked fast path). Whether anything is padded is only looked at on CPU (`_host_reads_are_free`):
+    compiled or on an accelerator the mask is always built, so nothing waits for the device."""
+    if attention_mask is None or (_host_reads_are_free(attention_mask) and bool(attention_mask.all())):
         return None
     mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     mask = mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)
@@ -593,30 +645,46 @@ class _TokenPacking:
         return padded.view(self.batch_size, self.length, -1)
 
 
+def _visible_first(bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """`(B, N)` mask -> `(B, N)` patch indices, each row's unmasked patches first, in their original order."""
+    return torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, stable=True)
+
+
 def _keep_visible(tokens: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
     """`(B, N, D)` tokens and a `(B, N)` mask with the same number of True entries per row -> the unmasked tokens
-    `(B, N - num_masked, D)`, in their original order."""
+    `(B, N - num_masked, D)`, in their original order. The number kept (a shape) is the one host read; the tokens
+    are gathered by index (no boolean indexing, whose forward and backward each read the mask on the host)."""
     if bool_masked_pos.shape != tokens.shape[:2]:
         raise ValueError(
             f"bool_masked_pos must have shape (batch_size, num_patches)={tuple(tokens.shape[:2])}, got "
             f"{tuple(bool_masked_pos.shape)}."
         )
-    visible = ~bool_masked_pos.bool()
-    counts = visible.sum(dim=1)
-    if bool((counts != counts[0]).any()):
+    counts = (~bool_masked_pos.bool()).sum(dim=1)
+    fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+    if fewest != most:
         raise ValueError(
-            f"bool_masked_pos must mask the same number of patches in every image (got {sorted(set(counts.tolist()))} "
-            "visible); use xmodal.random_patch_mask."
+            f"bool_masked_pos must mask the same number of patches in every image (got {fewest} to {most} visible); "
+            "use xmodal.random_patch_mask."
         )
-    return tokens[visible].reshape(tokens.shape[0], int(counts[0]), tokens.shape[-1])
+    index = _visible_first(bool_masked_pos)[:, :fewest]  # (B, num_visible)
+    return tokens.gather(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
+
+
+def _restore_visible(visible: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_keep_visible`: `(B, num_visible, D)` tokens and the `(B, N)` mask -> `(B, N, D)` with each
+    token back in its place and zeros at the masked positions (scattered by index, no host read)."""
+    batch_size, num_patches = bool_masked_pos.shape
+    index = _visible_first(bool_masked_pos)[:, : visible.shape[1], None].expand(-1, -1, visible.shape[-1])
+    return visible.new_zeros(batch_size, num_patches, visible.shape[-1]).scatter(1, index, visible)
 
 
 def _causal_mask(
     attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
     """Additive `(B, 1, Lq, past + Lq)` mask for causal self-attention over a cache of `past_length` tokens, or None
-    where the attention modules' own causal flag suffices (nothing padded, and no cache or one query)."""
-    padded = attention_mask is not None and not bool(attention_mask.all())
+    where the attention modules' own causal flag suffices (nothing padded, and no cache or one query). Off CPU any
+    given mask counts as padded (no host read, see `_additive_padding_mask`)."""
+    padded = attention_mask is not None and not (_host_reads_are_free(attention_mask) and bool(attention_mask.all()))
     if not padded and (past_length == 0 or query_length == 1):
         return None
     key_length = past_length + query_length
@@ -1214,9 +1282,7 @@ class XModalMIMDecoder(nn.Module):
             full = tokens
         else:
             masked = bool_masked_pos.bool()
-            full = tokens.new_zeros(batch_size, num_patches, tokens.shape[-1])
-            full[~masked] = tokens.reshape(-1, tokens.shape[-1])
-            full = full + masked.unsqueeze(-1).to(full.dtype) * self.mask_token
+            full = _restore_visible(tokens, masked) + masked.unsqueeze(-1).to(tokens.dtype) * self.mask_token
         full = full + self.position_embedding
         for layer in self.layers:
             full = layer(full)
@@ -1254,8 +1320,10 @@ class XModalTextDecoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
+        check_values: bool = True,
     ) -> torch.Tensor:
-        """`attention_mask` `(B, past + L)` covers the cached tokens too; returns `(B, L, decoder_hidden)`."""
+        """`attention_mask` `(B, past + L)` covers the cached tokens too; returns `(B, L, decoder_hidden)`. The ids
+        are checked against the vocabulary unless `check_values=False` (a caller that checked them already)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -1265,10 +1333,9 @@ class XModalTextDecoder(nn.Module):
                 f"The decoder sequence ({past_length + length} tokens) exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}; lower max_new_tokens or truncate the prompt."
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(
-                f"Decoder input_ids contain ids outside [0, vocab_size={self.config.vocab_size}) "
-                f"(min {int(input_ids.min())}, max {int(input_ids.max())})."
+        if check_values:
+            _check_ranges(
+                _text_id_ranges(self.config, input_ids, accepted_by="the captioning decoder", prefix="decoder ")
             )
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None, :]
@@ -1577,8 +1644,10 @@ class XModalPreTrainedModel(PreTrainedModel):
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        check_values: bool = True,
     ) -> BaseModelOutput:
-        """The text tower's output for token ids `(B, L)` or, instead, word embeddings `inputs_embeds` `(B, L, D)`."""
+        """The text tower's output for token ids `(B, L)` or, instead, word embeddings `inputs_embeds` `(B, L, D)`;
+        `check_values=False` skips the id ranges (a caller that checked them already, see `_check_text_inputs`)."""
         if input_ids is None and inputs_embeds is None:
             raise ValueError(
                 "input_ids is required (an integer tensor of shape (batch_size, sequence_length)), or instead "
@@ -1587,7 +1656,13 @@ class XModalPreTrainedModel(PreTrainedModel):
         if input_ids is not None and inputs_embeds is not None:
             raise ValueError("Give exactly one of input_ids and inputs_embeds, not both.")
         _check_text_inputs(
-            self.config.text_config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+            self.config.text_config,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            check_values,
         )
         kwargs = {
             "input_ids": input_ids,
@@ -1622,11 +1697,14 @@ class XModalPreTrainedModel(PreTrainedModel):
                 f"Fusion pairs images with texts one to one: got {num_images} images and {num_texts} texts "
                 "(pass image_index to pair texts with images otherwise)."
             )
-        if image_index is not None and (
-            image_index.shape != (num_texts,) or int(image_index.min()) < 0 or int(image_index.max()) >= num_images
-        ):
-            raise ValueError(
-                f"image_index must be {num_texts} indices in [0, {num_images}), got shape {tuple(image_index.shape)}."
+        if image_index is not None:
+            if image_index.shape != (num_texts,):
+                raise ValueError(
+                    f"image_index must be {num_texts} indices in [0, {num_images}), got shape "
+                    f"{tuple(image_index.shape)}."
+                )
+            _check_ranges(
+                [_Range("image_index", image_index, num_images, f"num_images={num_images}", "the fusion module")]
             )
         return self.cross_model(image_hidden_states, text_hidden_states, attention_mask, image_index)
 
@@ -2041,7 +2119,8 @@ def _itm_loss(
     texts, masks, image_index, labels = _itm_inputs(
         model, text_hidden_states, attention_mask, input_ids, image_embeds, text_embeds, _LocalBatch()
     )
-    itm_logits = model.itm_head(model.fuse(image_hidden_states, texts, masks, image_index).pooler_output)
+    # the indices are built here: the fusion module directly, without `fuse`'s check (a device sync)
+    itm_logits = model.itm_head(model.cross_model(image_hidden_states, texts, masks, image_index).pooler_output)
     return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
 
 
@@ -2470,11 +2549,9 @@ class XModalForPreTraining(XModalModel):
                 mask if mask is not None else torch.ones(texts.shape[:2], device=texts.device, dtype=torch.long)
                 for texts, mask, _ in parts
             ]
-            out = self.fuse(
-                image,
-                torch.cat([texts for texts, _, _ in parts]),
-                torch.cat(masks),
-                image_index=torch.cat([index for _, _, index in parts]),
+            # the indices are the model's own: the fusion module directly, without `fuse`'s check (a device sync)
+            out = self.cross_model(
+                image, torch.cat([texts for texts, _, _ in parts]), torch.cat(masks), torch.cat([i for *_, i in parts])
             )
             sizes = [texts.shape[0] for texts, _, _ in parts]
             for name, pooled, tokens in zip(
@@ -2530,9 +2607,11 @@ class XModalForPreTraining(XModalModel):
         second_view_attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
         global_batch: BatchGatherer,
+        check_values: bool = True,
     ) -> torch.Tensor:
         """The cross-modal loss averaged over every (image view, text view) combination, plus
-        `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two."""
+        `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two (the second
+        view's ids checked unless `check_values=False`)."""
         if self.momentum_encoder is not None:
             first = self._queue_contrastive_loss(
                 image_embeds,
@@ -2550,8 +2629,9 @@ class XModalForPreTraining(XModalModel):
             second = self.get_image_features(second_view_pixel_values, interpolate_pos_encoding).pooler_output
             image_views.append(F.normalize(second, dim=-1))
         if second_view_input_ids is not None:
-            second = self.get_text_features(second_view_input_ids, second_view_attention_mask).pooler_output
-            text_views.append(F.normalize(second, dim=-1))
+            second = self._encode_text(second_view_input_ids, second_view_attention_mask, check_values=check_values)
+            pooled = _pool(second.last_hidden_state, self.config.text_pooling, second_view_attention_mask)
+            text_views.append(F.normalize(self.text_projection(pooled), dim=-1))
         if len(image_views) == len(text_views) == 1:
             return first
         cross = [first] + [
@@ -2563,6 +2643,54 @@ class XModalForPreTraining(XModalModel):
         scale = self.clamped_logit_scale()
         within = [nt_xent_loss(views[0], views[1], scale) for views in (image_views, text_views) if len(views) == 2]
         return torch.stack(cross).mean() + self.config.multiview_loss_weight * torch.stack(within).mean()
+
+    def _check_id_ranges(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        second_view_input_ids: torch.Tensor | None,
+        second_view_attention_mask: torch.Tensor | None,
+        mlm_input_ids: torch.Tensor | None,
+        question_input_ids: torch.Tensor | None,
+        question_attention_mask: torch.Tensor | None,
+        decoder_input_ids: torch.Tensor | None,
+        vqa_labels: torch.Tensor | None,
+        return_loss: bool | None,
+    ) -> bool:
+        """Checks the shapes of every id tensor the step will use, then all their ranges (tokens in the vocabularies,
+        answer indices among the answers) in one device synchronisation, instead of one per tower call. Returns
+        whether all ranges were checked, so the calls below skip them (`check_values=False`); where an input is
+        malformed, the call that uses it names the problem."""
+        if input_ids is None:
+            return False
+        text_config = self.config.text_config
+        complete = True
+        _check_text_inputs(text_config, input_ids, attention_mask, token_type_ids, None, None, check_values=False)
+        ranges = _text_id_ranges(text_config, input_ids, token_type_ids)
+        if return_loss and second_view_input_ids is not None:
+            _check_text_inputs(text_config, second_view_input_ids, second_view_attention_mask, None, None, None, False)
+            ranges += _text_id_ranges(text_config, second_view_input_ids, prefix="second_view_")
+        if return_loss and self.mlm_head is not None and mlm_input_ids is not None:
+            _check_text_inputs(text_config, mlm_input_ids, attention_mask, token_type_ids, None, None, False)
+            ranges += _text_id_ranges(text_config, mlm_input_ids, prefix="mlm_")
+        if return_loss and self.vqa_head is not None and question_input_ids is not None and vqa_labels is not None:
+            _check_text_inputs(text_config, question_input_ids, question_attention_mask, None, None, None, False)
+            ranges += _text_id_ranges(text_config, question_input_ids, prefix="question_")
+            if isinstance(vqa_labels, torch.Tensor) and not vqa_labels.is_floating_point():
+                ranges += _vqa_label_ranges(vqa_labels, self.config.num_labels)
+            else:
+                complete = complete and isinstance(vqa_labels, torch.Tensor)
+        if return_loss and self.text_decoder is not None:
+            ids = decoder_input_ids if decoder_input_ids is not None else input_ids
+            if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+                ranges += _text_id_ranges(
+                    self.config.decoder_config, ids, accepted_by="the captioning decoder", prefix="decoder "
+                )
+            else:
+                complete = False
+        _check_ranges(ranges)
+        return complete
 
     @can_return_tuple
     def forward(
@@ -2622,8 +2750,12 @@ class XModalForPreTraining(XModalModel):
         """
         config = self.config
         global_batch = global_batch if global_batch is not None else _LocalBatch()
+        checked = self._check_id_ranges(
+            input_ids, attention_mask, token_type_ids, second_view_input_ids, second_view_attention_mask,
+            mlm_input_ids, question_input_ids, question_attention_mask, decoder_input_ids, vqa_labels, return_loss,
+        )  # fmt: skip
         image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
-        text = self._encode_text(input_ids, attention_mask, token_type_ids).last_hidden_state
+        text = self._encode_text(input_ids, attention_mask, token_type_ids, check_values=not checked).last_hidden_state
         image_embeds = F.normalize(self.visual_projection(_pool(image, config.vision_pooling, is_image=True)), dim=-1)
         text_embeds = F.normalize(self.text_projection(_pool(text, config.text_pooling, attention_mask)), dim=-1)
         logits_per_text = self.logits(image_embeds, text_embeds)
@@ -2658,6 +2790,7 @@ class XModalForPreTraining(XModalModel):
                 second_view_attention_mask,
                 interpolate_pos_encoding,
                 global_batch,
+                check_values=not checked,
             )
         # Fusion requests of the ITM, MLM and VQA objectives; those of equal text length share one fusion call, in
         # which each image's cross-attention keys/values are computed once.
@@ -2688,7 +2821,9 @@ class XModalForPreTraining(XModalModel):
                 )
             elif mlm_labels is None:
                 raise ValueError("mlm_input_ids were given without mlm_labels (original ids at masked positions).")
-            masked_text = self._encode_text(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
+            masked_text = self._encode_text(
+                mlm_input_ids, attention_mask, token_type_ids, check_values=not checked
+            ).last_hidden_state
             requests["mlm"] = (masked_text, attention_mask, batch_index)
         if self.vqa_head is not None:
             if question_input_ids is None or vqa_labels is None:
@@ -2696,20 +2831,25 @@ class XModalForPreTraining(XModalModel):
                     f"vqa_loss_weight={config.vqa_loss_weight} needs question_input_ids and vqa_labels (one question "
                     "per image); pass them or set vqa_loss_weight=0."
                 )
-            question = self._encode_text(question_input_ids, question_attention_mask).last_hidden_state
+            question = self._encode_text(
+                question_input_ids, question_attention_mask, check_values=not checked
+            ).last_hidden_state
             requests["vqa"] = (question, question_attention_mask, batch_index)
         fused = self._fuse_requests(images, requests)
         if self.itm_head is not None:
             outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output)
             losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)
         if self.mlm_head is not None:
-            # the vocabulary projection only where there is a target
-            selected = mlm_labels != -100
-            outputs["mlm_logits"] = self.mlm_head(fused["mlm"].text_last_hidden_state[selected])
-            losses["mlm"] = masked_language_modeling_loss(outputs["mlm_logits"], mlm_labels[selected])
+            # the vocabulary projection only where there is a target; the targets' positions are the one host read
+            selected = (mlm_labels.reshape(-1) != -100).nonzero().squeeze(1)
+            tokens = fused["mlm"].text_last_hidden_state
+            outputs["mlm_logits"] = self.mlm_head(tokens.reshape(-1, tokens.shape[-1]).index_select(0, selected))
+            losses["mlm"] = masked_language_modeling_loss(
+                outputs["mlm_logits"], mlm_labels.reshape(-1).index_select(0, selected)
+            )
         if self.vqa_head is not None:
             outputs["vqa_logits"] = self.vqa_head(fused["vqa"].pooler_output)
-            losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels)
+            losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels, check_values=not checked)
         if self.mim_decoder is not None:
             num_patches = image.shape[1] - 1
             if bool_masked_pos is None:
@@ -2734,7 +2874,7 @@ class XModalForPreTraining(XModalModel):
                 captioning_labels = decoder_input_ids
                 if decoder_attention_mask is not None:
                     captioning_labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, -100)
-            decoded = self.text_decoder(decoder_input_ids, image, decoder_attention_mask)
+            decoded = self.text_decoder(decoder_input_ids, image, decoder_attention_mask, check_values=not checked)
             outputs["captioning_logits"] = self.lm_head(decoded)
             losses["captioning"] = causal_lm_loss(outputs["captioning_logits"], captioning_labels)
         total = sum(getattr(config, f"{name}_loss_weight") * value for name, value in losses.items())

@@ -813,5 +813,7 @@ def test_fuse_with_image_index_equals_fusing_the_gathered_images(direction):
         assert indexed.image_last_hidden_state is None
     else:
         torch.testing.assert_close(indexed.image_last_hidden_state, gathered.image_last_hidden_state)
-    with pytest.raises(ValueError, match="image_index must be 3 indices"):
+    with pytest.raises(ValueError, match=r"image_index hold ids from 0 to 5 .* the fusion module accepts \[0, 3\)"):
         model.fuse(image, text, inputs["attention_mask"], image_index=torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match=r"image_index must be 3 indices in \[0, 3\), got shape \(2,\)"):
+        model.fuse(image, text, inputs["attention_mask"], image_index=torch.tensor([0, 1]))

@@ -123,7 +123,6 @@ def test_contrastive_loss_property(rows, smoothing):
     _close(contrastive_loss(torch.tensor(rows, dtype=torch.float64), label_smoothing=smoothing), expected, 1e-9)
 
 
-
 def _two_cross_entropies(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
     labels = torch.arange(logits.shape[0])
     return (
@@ -140,7 +139,7 @@ def test_fused_contrastive_loss_gradient(monkeypatch, chunk_elements, size, smoo
     from xmodal import modeling_xmodal
 
     monkeypatch.setattr(modeling_xmodal, "_LOSS_CHUNK_ELEMENTS", chunk_elements)
-    logits = (torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)) * 4)
+    logits = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size)) * 4
     logits.requires_grad_()
     fused = contrastive_loss(logits, smoothing)
     (fused_grad,) = torch.autograd.grad(fused * 1.5, logits)

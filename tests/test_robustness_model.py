@@ -245,7 +245,10 @@ def test_heads_check_their_inputs_too(tester, inputs) -> None:
     captioner = XModalForConditionalGeneration(config).eval()
     with pytest.raises(ValueError, match="pixel_values is empty"):
         captioner.generate(pixel_values=inputs["pixel_values"][:0], max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"Decoder input_ids contain ids outside \[0, vocab_size=99\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"decoder input_ids hold ids from 500 to 500 \(max id 500\); the captioning decoder accepts \[0, 99\)",
+    ):
         captioner(input_ids=torch.full((3, 2), 500), pixel_values=inputs["pixel_values"])
 
 
