@@ -4,6 +4,7 @@ files."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -42,15 +43,22 @@ def machine() -> dict[str, Any]:
 
 
 def time_alternating(
-    functions: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 2
+    functions: dict[str, Callable[[], None]], repeats: int = 5, warmup: int = 2, min_seconds: float = 0.0
 ) -> dict[str, list[float]]:
     """Seconds per call of each function, measured in alternation (A, B, A, B, ...) after `warmup` calls each, so
-    slow drifts of the machine affect every variant alike."""
+    slow drifts of the machine affect every variant alike. At least `repeats` rounds, more when the slowest call
+    (timed at its last warm-up) would leave a variant under `min_seconds` of timed calls: short calls need more
+    rounds for a stable median on a noisy machine."""
+    slowest = 0.0  # the longest last warm-up call
     for function in functions.values():
-        for _ in range(warmup):
+        for index in range(warmup):
+            start = time.perf_counter()
             function()
+            if index == warmup - 1:
+                slowest = max(slowest, time.perf_counter() - start)
+    rounds = max(repeats, math.ceil(min_seconds / slowest)) if slowest > 0 else repeats
     times: dict[str, list[float]] = {name: [] for name in functions}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, function in functions.items():
             start = time.perf_counter()
             function()

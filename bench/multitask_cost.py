@@ -2,7 +2,8 @@
 
 A step is forward + backward + AdamW update of `XModalForPreTraining` on one real batch of the embedded procedural
 data, built exactly as `xmodal pretrain` builds it (the demo's 2,048-token WordPiece tokenizer, the collator with a
-question per image). Variants, timed alternately in one process (median of --repeats runs after warm-up):
+question per image). Variants, timed alternately in one process (median of --repeats runs after warm-up; a ratio
+is the median over the rounds of the step's time over the contrastive step's in the same round):
 
 - contrastive: only the contrastive objective (the same compute as `XModalModel(..., return_loss=True)`);
 - multitask: contrastive + ITM (B fused pairs, half of them hard negatives: the default `itm_sampling="half"`) +
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PRECISIONS, machine, median, on_device, time_alternating, write_result  # noqa: E402
+from common import PRECISIONS, machine, median, on_device, paired_ratio, time_alternating, write_result  # noqa: E402
 
 from xmodal import XModalForPreTraining  # noqa: E402
 from xmodal.processing import train_tokenizer  # noqa: E402
@@ -127,12 +128,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
         steps = {name: step_function(model, inputs, device, dtype) for name, (model, inputs) in variants.items()}
         times = time_alternating(steps, repeats=args.repeats, warmup=args.warmup)
-        base = median(times["contrastive"])
+        # the step's time over the contrastive step's, round by round (`paired_ratio` of the two time series)
+        ratios = {name: paired_ratio(values, times["contrastive"]) for name, values in times.items()}
         row = {
             name: {
                 "median_s": round(median(values), 4),
                 "runs_s": [round(value, 4) for value in values],
-                "ratio": round(median(values) / base, 2),
+                "ratio": round(ratios[name]["median"], 2),
+                "ratio_range": [round(ratios[name]["low"], 2), round(ratios[name]["high"], 2)],
             }
             for name, values in times.items()
         }
@@ -141,7 +144,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results["presets"][preset] = row
         print(
             f"{preset}: "
-            + ", ".join(f"{name} {row[name]['median_s']:.3f} s ({row[name]['ratio']:.2f}x)" for name in steps)
+            + ", ".join(
+                f"{name} {row[name]['median_s']:.3f} s ({row[name]['ratio']:.2f}x, rounds "
+                f"{row[name]['ratio_range'][0]:.2f}-{row[name]['ratio_range'][1]:.2f})"
+                for name in steps
+            )
         )
     if not (args.smoke or args.no_write):
         name = "multitask_cost" if device.type == "cpu" else f"multitask_cost_{device.type}_{args.precision}"

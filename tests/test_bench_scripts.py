@@ -83,6 +83,28 @@ def test_paired_ratio_cancels_a_drift_between_rounds(monkeypatch):
         common.paired_ratio([1.0, 2.0], [1.0])
 
 
+def test_time_alternating_adds_rounds_for_short_calls(monkeypatch):
+    common = load("common", monkeypatch)
+    calls = {"short": 0, "long": 0}
+    clock = {"now": 0.0}
+
+    def ticking(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            clock["now"] += seconds
+
+        return run
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock["now"])
+    functions = {"short": ticking("short", 0.1), "long": ticking("long", 0.5)}
+    times = common.time_alternating(functions, repeats=3, warmup=2, min_seconds=4.0)
+    # the slowest call takes 0.5 s: 8 rounds give it 4 s; both variants get the same rounds
+    assert [len(times["short"]), len(times["long"])] == [8, 8] and calls == {"short": 10, "long": 10}
+    assert times["long"] == pytest.approx([0.5] * 8)
+    assert len(common.time_alternating(functions, repeats=3, warmup=2)["short"]) == 3
+    assert len(common.time_alternating(functions, repeats=3, warmup=0, min_seconds=4.0)["short"]) == 3
+
+
 def test_clip_config_like_matches_the_xmodal_sizes(monkeypatch):
     common = load("common", monkeypatch)
     config = common.preset_config("small")
