@@ -75,6 +75,16 @@ class XModalModelTester:
         pixel_values = torch.randn(self.batch_size, 3, self.image_size, self.image_size, generator=generator)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
+    def get_pretraining_inputs(self, num_labels: int = 5) -> dict[str, torch.Tensor]:
+        """`get_inputs()` plus a padded question of 5 tokens per image and soft VQA scores over `num_labels`
+        answers (for `XModalForPreTraining` with every objective; batch size 3)."""
+        inputs = self.get_inputs()
+        generator = torch.Generator().manual_seed(1)
+        inputs["question_input_ids"] = torch.randint(5, self.vocab_size, (self.batch_size, 5), generator=generator)
+        inputs["question_attention_mask"] = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 3 + [0] * 2])
+        inputs["vqa_labels"] = torch.rand(self.batch_size, num_labels, generator=generator)
+        return inputs
+
 
 @pytest.fixture
 def tester() -> XModalModelTester:

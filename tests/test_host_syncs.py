@@ -64,11 +64,7 @@ def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[_HostReads]:
 def _every_objective(tester) -> tuple[XModalForPreTraining, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
     model = XModalForPreTraining(tester.get_config(num_labels=5)).train()
-    inputs = tester.get_inputs()
-    generator = torch.Generator().manual_seed(1)
-    inputs["question_input_ids"] = torch.randint(5, tester.vocab_size, (tester.batch_size, 5), generator=generator)
-    inputs["question_attention_mask"] = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 3 + [0] * 2])
-    inputs["vqa_labels"] = torch.rand(tester.batch_size, 5, generator=generator)
+    inputs = tester.get_pretraining_inputs(num_labels=5)
     inputs["second_view_input_ids"] = inputs["input_ids"].flip(1)
     inputs["second_view_attention_mask"] = inputs["attention_mask"].flip(1)
     inputs["second_view_pixel_values"] = inputs["pixel_values"].flip(3)

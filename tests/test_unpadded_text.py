@@ -109,11 +109,7 @@ def test_multitask_losses_unchanged(tester) -> None:
     losses and gradients."""
     torch.manual_seed(0)
     model = XModalForPreTraining(tester.get_config(num_labels=5)).train()
-    inputs = tester.get_inputs()
-    generator = torch.Generator().manual_seed(1)
-    inputs["question_input_ids"] = torch.randint(5, tester.vocab_size, (tester.batch_size, 5), generator=generator)
-    inputs["question_attention_mask"] = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 3 + [0] * 2])
-    inputs["vqa_labels"] = torch.rand(tester.batch_size, 5, generator=generator)
+    inputs = tester.get_pretraining_inputs(num_labels=5)
     results = []
     for skip in (True, False):
         model.text_model.skip_padding = skip
