@@ -78,9 +78,11 @@ def paired_ratio(baseline: list[float], candidate: list[float]) -> dict[str, flo
     return {"median": median(ratios), "low": min(ratios), "high": max(ratios)}
 
 
-def ratio_cell(ratio: dict[str, float]) -> str:
-    """`**1.17x** (1.08-1.25)`: the median per-round ratio in bold, its range over the rounds after it."""
-    return f"**{ratio['median']:.2f}x** ({ratio['low']:.2f}-{ratio['high']:.2f})"
+def ratio_cell(ratio: dict[str, float], bold: bool = True) -> str:
+    """`**1.17x** (1.08-1.25)`: the median per-round ratio (in bold unless `bold=False`), its range over the rounds
+    after it."""
+    median_cell = f"{ratio['median']:.2f}x"
+    return f"{f'**{median_cell}**' if bold else median_cell} ({ratio['low']:.2f}-{ratio['high']:.2f})"
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:

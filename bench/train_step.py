@@ -231,7 +231,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"{variant['gflop_per_step']:.1f}",
                 f"{variant['mfu']:.2f}",
                 ratio_cell(speedup) if speedup else "",
-                ratio_cell(speedup_eager).replace("**", "") if speedup_eager else "",
+                ratio_cell(speedup_eager, bold=False) if speedup_eager else "",
             ])
     header = ["preset", "model", "s/step", "pairs/s", "GFLOP/step", "MFU", "vs CLIP, same mode", "vs CLIP eager"]
     first = payload["results"][0]

@@ -179,7 +179,7 @@ def _text_id_ranges(
         ("position_ids", position_ids, getattr(config, "max_position_embeddings", None), "max_position_embeddings"),
     ]
     hint = (
-        " The tokenizer does not match the model: its vocabulary must fit text_config.vocab_size (after adding "
+        f" The tokenizer does not match the model: its vocabulary must fit {accepted_by}'s vocab_size (after adding "
         "tokens, call model.resize_token_embeddings(len(tokenizer)))."
     )
     return [
@@ -1271,7 +1271,7 @@ class XModalMIMDecoder(nn.Module):
         self.head = nn.Linear(decoder.hidden_size, vision.patch_size**2 * vision.num_channels)
 
     def forward(self, hidden_states: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-        batch_size, num_patches = bool_masked_pos.shape
+        num_patches = bool_masked_pos.shape[1]
         if num_patches != self.num_patches:
             raise ValueError(
                 f"Masked image modelling runs at the configured resolution ({self.num_patches} patches), got "
@@ -2677,10 +2677,10 @@ class XModalForPreTraining(XModalModel):
         if return_loss and self.vqa_head is not None and question_input_ids is not None and vqa_labels is not None:
             _check_text_inputs(text_config, question_input_ids, question_attention_mask, None, None, None, False)
             ranges += _text_id_ranges(text_config, question_input_ids, prefix="question_")
-            if isinstance(vqa_labels, torch.Tensor) and not vqa_labels.is_floating_point():
-                ranges += _vqa_label_ranges(vqa_labels, self.config.num_labels)
+            if isinstance(vqa_labels, torch.Tensor):
+                ranges += _vqa_label_ranges(vqa_labels, self.config.num_labels)  # none for soft scores
             else:
-                complete = complete and isinstance(vqa_labels, torch.Tensor)
+                complete = False
         if return_loss and self.text_decoder is not None:
             ids = decoder_input_ids if decoder_input_ids is not None else input_ids
             if isinstance(ids, torch.Tensor) and ids.ndim == 2 and not ids.is_floating_point():

@@ -79,6 +79,7 @@ def test_paired_ratio_cancels_a_drift_between_rounds(monkeypatch):
     assert ratio["low"] == pytest.approx(1.25) and ratio["high"] == pytest.approx(1.25 / 0.98)
     assert ratio["low"] <= ratio["median"] <= ratio["high"]
     assert common.ratio_cell(ratio) == f"**{ratio['median']:.2f}x** (1.25-{1.25 / 0.98:.2f})"
+    assert common.ratio_cell(ratio, bold=False) == f"{ratio['median']:.2f}x (1.25-{1.25 / 0.98:.2f})"
     with pytest.raises(ValueError):
         common.paired_ratio([1.0, 2.0], [1.0])
 
