@@ -125,6 +125,9 @@ class XModalVisionConfig(PreTrainedConfig):
         layer_norm_eps (`float`): LayerNorm epsilon.
         hidden_dropout_prob (`float`): dropout on residual branches.
         attention_dropout (`float`): dropout on attention probabilities.
+        drop_path_rate (`float`): stochastic depth (Huang et al. 2016, timm's `DropPath`) in [0, 1): in training,
+            each sample's attention and MLP branches are dropped (and the kept ones scaled by 1/keep) with a rate
+            rising linearly from 0 at the first block to `drop_path_rate` at the last. 0 (default) disables it.
         initializer_range (`float`): std of the normal initialiser.
     """
 
@@ -142,12 +145,14 @@ class XModalVisionConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float = 0.0
     attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
+        _check_probability(self, "drop_path_rate")
         _check_positive_int(self, "num_channels", "image_size", "patch_size")
         if self.image_size % self.patch_size != 0:
             raise ValueError(
@@ -165,6 +170,9 @@ class XModalTextConfig(PreTrainedConfig):
         max_position_embeddings (`int`): longest sequence the position embeddings cover.
         type_vocab_size (`int`): number of token types (segments); 0 disables token type embeddings.
         hidden_act, layer_norm_eps, hidden_dropout_prob, attention_dropout, initializer_range: as in BERT.
+        drop_path_rate (`float`): stochastic depth, as in [`XModalVisionConfig`] (0 at the first block, rising
+            linearly to `drop_path_rate` at the last; 0, the default, disables it). A caption's branch is dropped
+            as a whole, also when the tower skips the padding.
         pad_token_id (`int`): id of the padding token.
     """
 
@@ -182,6 +190,7 @@ class XModalTextConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
     attention_dropout: float = 0.1
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
 
@@ -189,6 +198,7 @@ class XModalTextConfig(PreTrainedConfig):
         _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
+        _check_probability(self, "drop_path_rate")
         _check_positive_int(self, "vocab_size", "max_position_embeddings")
         _check_positive_int(self, "type_vocab_size", allow_zero=True)
         if self.pad_token_id is not None and (
@@ -214,6 +224,10 @@ class XModalCrossConfig(PreTrainedConfig):
         intermediate_size, num_hidden_layers, num_attention_heads, hidden_act, layer_norm_eps,
         hidden_dropout_prob, attention_dropout, initializer_range: as for the towers. `num_hidden_layers=0`
             builds no fusion module (a pure dual encoder).
+        drop_path_rate (`float`): stochastic depth of the fusion layers, as in [`XModalVisionConfig`] (0 at the
+            first layer, rising linearly to `drop_path_rate` at the last; the self-attention, cross-attention and
+            MLP branches of a pair are dropped independently; with `"both"`, each stream's layers have their own
+            draws). 0 (default) disables it. Unused in `XModalConfig.mim_decoder_config` (MAE's decoder has none).
     """
 
     model_type: ClassVar[str] = "xmodal_cross_model"
@@ -228,6 +242,7 @@ class XModalCrossConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     hidden_dropout_prob: float = 0.0
     attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -238,6 +253,7 @@ class XModalCrossConfig(PreTrainedConfig):
                 f"XModalCrossConfig.direction {self.direction!r} is unknown; accepted: {', '.join(FUSION_DIRECTIONS)}."
             )
         _check_transformer_dims(self)
+        _check_probability(self, "drop_path_rate")
 
 
 class XModalDecoderConfig(PreTrainedConfig):
@@ -248,7 +264,8 @@ class XModalDecoderConfig(PreTrainedConfig):
     Args:
         vocab_size (`int`): vocabulary size; must match the tokenizer (the text tower's, by default).
         hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, hidden_act, layer_norm_eps,
-        hidden_dropout_prob, attention_dropout, initializer_range: as for the towers.
+        hidden_dropout_prob, attention_dropout, initializer_range: as for the towers. The decoder has no stochastic
+            depth (`drop_path_rate` of the towers and the fusion module).
         max_position_embeddings (`int`): longest sequence (prompt plus generated tokens).
         bos_token_id, eos_token_id, pad_token_id (`int`): generation starts with `bos_token_id` ([CLS] of the
             xmodal tokenizer) and stops at `eos_token_id` ([SEP]).

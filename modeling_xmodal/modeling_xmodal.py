@@ -644,6 +644,10 @@ class _TokenPacking:
         padded = tokens.new_zeros(self.batch_size * self.length, tokens.shape[-1]).index_copy(0, self.index, tokens)
         return padded.view(self.batch_size, self.length, -1)
 
+    def sequence_index(self) -> torch.Tensor:
+        """`(N,)` the row (sequence) of the batch each real token belongs to."""
+        return torch.div(self.index, self.length, rounding_mode="floor")
+
 
 def _visible_first(bool_masked_pos: torch.Tensor) -> torch.Tensor:
     """`(B, N)` mask -> `(B, N)` patch indices, each row's unmasked patches first, in their original order."""
@@ -802,12 +806,52 @@ class XModalMLP(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
+def _drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """The stochastic depth rate of each of `depth` blocks, rising linearly from 0 at the first to `drop_path_rate`
+    at the last (timm's `torch.linspace(0, drop_path_rate, depth)`, in float64 so that a rate just below 1 stays
+    below 1)."""
+    return [rate.item() for rate in torch.linspace(0.0, float(drop_path_rate), depth, dtype=torch.float64)]
+
+
+class XModalDropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) of a residual branch, as timm's `DropPath`: in training, each sample's
+    branch output is zeroed with probability `drop_prob` and the kept ones are scaled by `1 / (1 - drop_prob)`, so
+    the expected output is the input; the identity in eval mode or at `drop_prob=0` (no random numbers drawn).
+
+    The per-sample mask is drawn from the global torch RNG on the tensor's device: `(B, 1, ..., 1)` for `(B, ...)`.
+    With `packing`, the input is the `(N, C)` real tokens of a padded batch of B sequences: the `(B,)` mask is
+    drawn as for the padded `(B, L, C)` layout (the same random numbers) and expanded to each token's sequence.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"XModalDropPath.drop_prob must be in [0, 1), got {drop_prob!r}.")
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor, packing: _TokenPacking | None = None) -> torch.Tensor:
+        """`hidden_states` `(B, ...)`, or `(N, C)` with `packing` -> the same shape."""
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        batch_size = packing.batch_size if packing is not None else hidden_states.shape[0]
+        mask = hidden_states.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)  # (B,)
+        if packing is not None:
+            mask = mask.index_select(0, packing.sequence_index())  # (N,)
+        return hidden_states * mask.view(-1, *([1] * (hidden_states.ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
 class XModalEncoderLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm transformer block: x + SelfAttn(LN(x)) [+ CrossAttn(LN(x), LN(context))] + MLP(LN(x)).
 
     With `has_cross_attention=True` it is a fusion layer: the queries come from `hidden_states` and the
     keys/values from `encoder_hidden_states` (the other modality), as in ALBEF/BLIP. With `is_causal=True` the
-    self-attention is causal and cached (a decoder layer).
+    self-attention is causal and cached (a decoder layer). With `drop_path_rate > 0`, each residual branch goes
+    through [`XModalDropPath`] after its dropout (stochastic depth; drawn independently per branch, as in timm);
+    at 0 there is no such module.
     """
 
     def __init__(
@@ -816,6 +860,7 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         has_cross_attention: bool = False,
         is_causal: bool = False,
         layer_idx: int | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -828,6 +873,12 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = XModalMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = XModalDropPath(drop_path_rate) if drop_path_rate > 0 else None
+
+    def _residual_branch(self, branch: torch.Tensor, packing: _TokenPacking | None = None) -> torch.Tensor:
+        """Dropout, then stochastic depth (when configured), of a branch output `(B, L, C)` (or `(N, C)`)."""
+        branch = self.dropout(branch)
+        return branch if self.drop_path is None else self.drop_path(branch, packing)
 
     def forward(
         self,
@@ -843,22 +894,24 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or `(M, Lk, C)` indexed by `encoder_index` `(B,)`
         (unpadded contexts only)."""
         attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache, packing=packing)
-        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self._residual_branch(attended, packing)
         if self.has_cross_attention:
             context = self.context_layer_norm(encoder_hidden_states)
             cross = self.cross_attn(
                 self.cross_layer_norm(hidden_states), encoder_attention_mask, context, encoder_index=encoder_index
             )
-            hidden_states = hidden_states + self.dropout(cross)
-        return hidden_states + self.dropout(self.mlp(self.layer_norm2(hidden_states)))
+            hidden_states = hidden_states + self._residual_branch(cross, packing)
+        return hidden_states + self._residual_branch(self.mlp(self.layer_norm2(hidden_states)), packing)
 
 
 class XModalEncoder(nn.Module):
-    """A stack of `num_hidden_layers` [`XModalEncoderLayer`] blocks."""
+    """A stack of `num_hidden_layers` [`XModalEncoderLayer`] blocks, with stochastic depth rising linearly from 0 at
+    the first block to `config.drop_path_rate` (when the config has one) at the last."""
 
     def __init__(self, config: PreTrainedConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([XModalEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        rates = _drop_path_rates(getattr(config, "drop_path_rate", 0.0), config.num_hidden_layers)
+        self.layers = nn.ModuleList([XModalEncoderLayer(config, drop_path_rate=rate) for rate in rates])
 
     def forward(
         self,
@@ -1154,7 +1207,8 @@ class XModalFusionModel(nn.Module):
 
     `direction="text_to_image"`: Q = text, K = V = image; `"image_to_text"`: Q = image, K = V = text; `"both"`:
     co-attention, where at every layer each stream attends to the other stream's input to that layer.
-    Tower outputs of another width are first projected to `cross_config.hidden_size`.
+    Tower outputs of another width are first projected to `cross_config.hidden_size`. Stochastic depth rises
+    linearly from 0 at the first layer to `cross_config.drop_path_rate` at the last (per pair, in each stream).
     """
 
     def __init__(self, config: XModalCrossConfig, vision_hidden_size: int, text_hidden_size: int) -> None:
@@ -1167,8 +1221,9 @@ class XModalFusionModel(nn.Module):
         self.text_input_projection = (
             nn.Linear(text_hidden_size, hidden) if text_hidden_size != hidden else nn.Identity()
         )
+        rates = _drop_path_rates(getattr(config, "drop_path_rate", 0.0), config.num_hidden_layers)
         layers = lambda: nn.ModuleList(  # noqa: E731
-            [XModalEncoderLayer(config, has_cross_attention=True) for _ in range(config.num_hidden_layers)]
+            [XModalEncoderLayer(config, has_cross_attention=True, drop_path_rate=rate) for rate in rates]
         )
         self.text_layers = layers() if config.direction in ("text_to_image", "both") else None
         self.image_layers = layers() if config.direction in ("image_to_text", "both") else None
