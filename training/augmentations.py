@@ -14,6 +14,8 @@ on the generator's device and never modifies its inputs in place.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,8 @@ class ImageAugmentation:
         brightness: brightness jitter strength `>= 0`; the factor is uniform in `[max(0, 1 - s), 1 + s]`.
         contrast: contrast jitter strength `>= 0` (factor as for brightness).
         saturation: saturation jitter strength `>= 0` (factor as for brightness).
+        grayscale_probability: probability in `[0, 1]` that a sample becomes grey (luma in every channel), after the
+            colour jitter.
         patch_mask_ratio: fraction in `[0, 1]` of the `patch_size x patch_size` patches set to 0 in the normalised
             image; 0 disables masking. Only whole patches count: `(H // patch_size) * (W // patch_size)` of them.
         patch_size: side of a masked patch in pixels, `>= 1`.
@@ -78,6 +82,7 @@ class ImageAugmentation:
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
+    grayscale_probability: float = 0.0
     patch_mask_ratio: float = 0.0
     patch_size: int = 16
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -92,6 +97,7 @@ class ImageAugmentation:
         _check_interval("crop_ratio", self.crop_ratio, 0.0, math.inf)
         for name in ("brightness", "contrast", "saturation"):
             _check_range(name, getattr(self, name), 0.0, math.inf)
+        _check_range("grayscale_probability", self.grayscale_probability, 0.0, 1.0)
         _check_range("patch_mask_ratio", self.patch_mask_ratio, 0.0, 1.0)
         if not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or self.patch_size < 1:
             raise ValueError(f"patch_size must be an integer >= 1, got {self.patch_size!r}")
@@ -177,6 +183,15 @@ class ImageAugmentation:
             x = (factor * x + (1.0 - factor) * self._grayscale(x)).clamp(0.0, 1.0)
         return (x - mean) / std
 
+    def _random_grayscale(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """`(B, C, H, W)` normalised -> the same with `grayscale_probability` of the samples grey (in `[0, 1]` space)."""
+        batch, channels = images.shape[:2]
+        grey = (_rand((batch,), generator) < self.grayscale_probability).to(images.device).view(batch, 1, 1, 1)
+        mean = images.new_tensor(self.image_mean).view(1, channels, 1, 1)
+        std = images.new_tensor(self.image_std).view(1, channels, 1, 1)
+        luma = self._grayscale(images * std + mean)
+        return torch.where(grey, (luma - mean) / std, images)
+
     # ------------------------------------------------------------------------------------------ patch masking
     def patch_mask(
         self, batch: int, height: int, width: int, generator: torch.Generator | None = None
@@ -210,7 +225,7 @@ class ImageAugmentation:
 
         Returns:
             A new `(B, C, H, W)` tensor of the same dtype and device: per sample random resized crop, colour
-            jitter, then patch masking.
+            jitter, random greyscale, then patch masking.
         """
         if not isinstance(pixel_values, torch.Tensor):
             raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -236,6 +251,8 @@ class ImageAugmentation:
         images = self._random_resized_crop(images, generator)
         if self.brightness > 0 or self.contrast > 0 or self.saturation > 0:
             images = self._colour_jitter(images, generator)
+        if self.grayscale_probability > 0:
+            images = self._random_grayscale(images, generator)
         if self.patch_mask_ratio > 0:
             mask = self.patch_mask(batch, height, width, generator).to(images.device)
             images = images.masked_fill(mask.unsqueeze(1), 0.0)
@@ -331,6 +348,67 @@ class TextAugmentation:
         return ids, mask
 
 
+HORIZONTAL_FLIP_MODES: tuple[str, ...] = ("off", "on", "mirror_text")
+"""`off`: never flip; `on`: flip the image only (for text that never names a side); `mirror_text`: flip the image
+and exchange the words left and right in its texts, so that they still describe it."""
+
+# "left"/"right" as words, and as the stem of "leftwards"/"rightward"; not "leftover" or "righteous"
+_SIDE_WORD = re.compile(r"\b(left|right)(?=(?:wards?)?\b)", re.IGNORECASE)
+_OTHER_SIDE = {"left": "right", "right": "left"}
+
+
+def mirror_left_right(text: str) -> str:
+    """The text of the mirrored image: every "left" and "right" exchanged ("on the left" -> "on the right", "top right"
+    -> "top left", "leftwards" -> "rightwards"), keeping the capitalisation of the first letter."""
+
+    def swap(match: re.Match[str]) -> str:
+        word = match.group(1)
+        other = _OTHER_SIDE[word.lower()]
+        return other.capitalize() if word[0].isupper() else other
+
+    return _SIDE_WORD.sub(swap, text)
+
+
+@dataclass
+class PairAugmentation:
+    """Train-time augmentation of image-text pairs: a random horizontal flip whose texts follow (`draw_flips`,
+    `mirror_texts`, `flip_images`), then the image augmentation (random resized crop, colour jitter, greyscale) of
+    each image (`image`).
+
+    Args:
+        image: the per-image augmentation, or None for none.
+        horizontal_flip: one of :data:`HORIZONTAL_FLIP_MODES`.
+        flip_probability: probability in `[0, 1]` that a pair is flipped (when `horizontal_flip` is not `off`).
+    """
+
+    image: ImageAugmentation | None = None
+    horizontal_flip: str = "mirror_text"
+    flip_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.horizontal_flip not in HORIZONTAL_FLIP_MODES:
+            raise ValueError(
+                f"horizontal_flip must be one of {', '.join(HORIZONTAL_FLIP_MODES)}, got {self.horizontal_flip!r}"
+            )
+        _check_range("flip_probability", self.flip_probability, 0.0, 1.0)
+
+    def draw_flips(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """`(B,)` bool: which pairs of a batch are flipped (none with `horizontal_flip="off"`)."""
+        if self.horizontal_flip == "off" or self.flip_probability == 0:
+            return torch.zeros(batch, dtype=torch.bool)
+        return (_rand((batch,), generator) < self.flip_probability).cpu()
+
+    def mirror_texts(self, texts: Sequence[str], flips: torch.Tensor) -> list[str]:
+        """`texts[i]` as it reads for pair i after the flips (`mirror_left_right` where flipped, with `mirror_text`)."""
+        if self.horizontal_flip != "mirror_text":
+            return list(texts)
+        return [mirror_left_right(text) if flip else text for text, flip in zip(texts, flips.tolist(), strict=True)]
+
+    def flip_images(self, pixel_values: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` images -> a new tensor with the flipped ones mirrored along the width."""
+        return torch.where(flips.to(pixel_values.device).view(-1, 1, 1, 1), pixel_values.flip(-1), pixel_values)
+
+
 def make_views(
     pixel_values: torch.Tensor,
     input_ids: torch.Tensor,
@@ -368,4 +446,11 @@ def make_views(
     return views
 
 
-__all__ = ["ImageAugmentation", "TextAugmentation", "make_views"]
+__all__ = [
+    "HORIZONTAL_FLIP_MODES",
+    "ImageAugmentation",
+    "PairAugmentation",
+    "TextAugmentation",
+    "make_views",
+    "mirror_left_right",
+]
