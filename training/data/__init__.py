@@ -14,6 +14,13 @@ from .sources import (
     split_bad_rows,
     with_lazy_decoding,
 )
+from .style_shift import (
+    STYLE_SHIFTS,
+    StyleTransform,
+    compose_style_shift,
+    make_style_shift_dataset,
+    style_shift_splits,
+)
 from .synthetic import (
     ANSWER_VOCAB,
     COLORS,
@@ -36,6 +43,11 @@ from .synthetic import (
 )
 
 __all__ = [
+    "STYLE_SHIFTS",
+    "StyleTransform",
+    "compose_style_shift",
+    "make_style_shift_dataset",
+    "style_shift_splits",
     "ANSWER_VOCAB",
     "COLORS",
     "DEFAULT_IMAGE_SIZE",

@@ -25,11 +25,27 @@ class DataArguments:
         },
     )
     image_column: str = field(default="image", metadata={"help": "Column of the images (or image paths)."})
-    text_column: str = field(default="text", metadata={"help": "Column of the captions (a caption or a list)."})
+    text_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the captions (a caption or a list: one is drawn per step). Default: 'captions' on the "
+            "synthetic data (each scene's 3-5 captions), else 'text'."
+        },
+    )
     train_split: str = field(default="train", metadata={"help": "Split (or --split_column value) to train on."})
     eval_split: str = field(
         default="test",
         metadata={"help": "Split to evaluate on; without it, --num_eval_examples rows are held out of training."},
+    )
+    validation_split: str = field(
+        default="validation",
+        metadata={
+            "help": "Split for the evaluations during training (--eval_steps) and model selection "
+            "(--metric_for_best_model); without it, --num_validation_examples rows are held out of training."
+        },
+    )
+    num_validation_examples: int = field(
+        default=1000, metadata={"help": "Rows of the validation split evaluated during training (the first ones)."}
     )
     split_column: str | None = field(
         default=None,
@@ -55,7 +71,9 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        for name in ("num_train_examples", "num_eval_examples"):
+        if self.text_column is None:
+            self.text_column = "captions" if self.dataset == "synthetic" else "text"
+        for name in ("num_train_examples", "num_eval_examples", "num_validation_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if not 0 <= self.max_bad_row_fraction <= 1:
@@ -66,11 +84,13 @@ class DataArguments:
 
 @dataclass
 class PretrainingData:
-    """The run's data: `train` yields decoded rows (lazily, marking undecodable ones), `evaluation` holds decodable
-    rows only, `corpus` is the text the tokenizer is trained on."""
+    """The run's data: `train` yields decoded rows (lazily, marking undecodable ones), `evaluation` (the final test)
+    and `validation` (evaluations during training, None unless asked for) hold decodable rows only, `corpus` is the
+    text the tokenizer is trained on."""
 
     train: Dataset | IterableDataset
     evaluation: Dataset
+    validation: Dataset | None
     corpus: Iterable[str]
     columns: list[str]  # of the training rows, before decoding (a decoded stream no longer lists them)
 
@@ -119,10 +139,11 @@ def _decodable(dataset: Dataset, limit: int) -> Dataset:
     return with_lazy_decoding(dataset.select(good), decoder)
 
 
-def load_pretraining_data(args: DataArguments, image_size: int) -> PretrainingData:
+def load_pretraining_data(args: DataArguments, image_size: int, validation: bool = False) -> PretrainingData:
     """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
     (`--eval_split`, else `--num_eval_examples` rows held out of the training split with `--seed`, the same rows
-    whenever the same options are given)."""
+    whenever the same options are given). With `validation`, also the rows evaluated during training
+    (`--validation_split`, else `--num_validation_examples` more rows held out of training)."""
     synthetic = args.dataset == "synthetic"
     builder = (
         {
@@ -143,10 +164,15 @@ def load_pretraining_data(args: DataArguments, image_size: int) -> PretrainingDa
     if evaluation is None:
         held_out = train.train_test_split(test_size=args.num_eval_examples, seed=args.seed)
         train, evaluation = held_out["train"], held_out["test"]
-    if synthetic:
+    selection = _select_split(raw, args.validation_split, args) if validation else None
+    if validation and selection is None:
+        held_out = train.train_test_split(test_size=args.num_validation_examples, seed=args.seed + 1)
+        train, selection = held_out["train"], held_out["test"]
+    if synthetic and "captions" in train.column_names:
         corpus: Iterable[str] = list(caption_corpus(train))
     else:
-        corpus = list(_flatten_captions(train.select_columns(["text"])["text"]))
+        text_columns = [name for name in ("text", "questions", "answers") if name in train.column_names]
+        corpus = [text for name in text_columns for text in _flatten_captions(train.with_format(None)[name])]
     columns = list(train.column_names)
     if args.streaming:
         train = train.to_iterable_dataset(num_shards=min(64, len(train))).shuffle(
@@ -155,6 +181,7 @@ def load_pretraining_data(args: DataArguments, image_size: int) -> PretrainingDa
     return PretrainingData(
         train=with_lazy_decoding(train),
         evaluation=_decodable(evaluation, args.num_eval_examples),
+        validation=_decodable(selection, args.num_validation_examples) if selection is not None else None,
         corpus=corpus,
         columns=columns,
     )
