@@ -1,6 +1,6 @@
 """Evaluation of image-text models with the package's local `evaluate` metric modules (`xmodal.training.metrics`):
-retrieval Recall@K both ways (and ranks), prompt-based zero-shot classification top-1/top-5, VQA accuracy and
-captioning BLEU-4 / CIDEr.
+retrieval Recall@K both ways (and ranks), prompt-based zero-shot classification top-1/top-5, image-text matching
+accuracy, VQA accuracy and captioning BLEU-4 / CIDEr.
 
 Work is sharded over the processes of an `Accelerator` when one is given; predictions are collected with
 `gather_for_metrics` (which drops the samples repeated to even out the last batch), and every process returns the
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from xmodal import (
     XModalConfig,
     XModalForConditionalGeneration,
+    XModalForImageTextRetrieval,
     XModalForVisualQuestionAnswering,
     XModalModel,
     XModalProcessor,
@@ -48,8 +49,10 @@ def retrieval_metrics(logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT
         logits_per_text (`torch.Tensor` of shape `(N, N)`): similarity of text i (row) with image j (column).
 
     Returns:
-        `{"text_to_image_R@1": ..., "image_to_text_R@1": ..., "text_to_image_mean_rank": ..., ...}`, recalls in
-        [0, 1] and ranks starting at 1.
+        `{"text_to_image_R@1": ..., "image_to_text_R@1": ..., "text_to_image_mean_rank": ..., ...,
+        "mean_recall": ...}`, recalls in [0, 1] and ranks starting at 1; `mean_recall` is the mean of every R@K of
+        both directions (the "rsum" of the retrieval literature divided by its number of terms), the default metric
+        for selecting the best model.
     """
     if logits_per_text.ndim != 2 or logits_per_text.shape[0] != logits_per_text.shape[1]:
         raise ValueError(
@@ -62,6 +65,69 @@ def retrieval_metrics(logits_per_text: torch.Tensor, ks: Sequence[int] = DEFAULT
     for name, scores in (("text_to_image", logits_per_text), ("image_to_text", logits_per_text.t())):
         result = _compute("retrieval_recall", predictions=scores.float().tolist(), references=references, ks=ks)
         metrics.update({f"{name}_{key}": float(value) for key, value in result.items()})
+    recalls = [metrics[f"{name}_R@{k}"] for name in ("text_to_image", "image_to_text") for k in ks]
+    metrics["mean_recall"] = sum(recalls) / len(recalls)
+    return metrics
+
+
+def _in_batch_negatives(
+    input_ids: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each image j of a batch, a random other text ((j + 1) mod B) and the hardest other text (the highest
+    contrastive similarity, as ALBEF samples its ITM negatives); a text identical to image j's own caption is never
+    its negative. Returns `(random_index, hard_index, valid)`, each `(2, B)` stacked as (random, hard) for `valid`."""
+    batch_size = input_ids.shape[0]
+    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)  # (B, B), true on the diagonal
+    similarity = (text_embeds @ image_embeds.t()).t().masked_fill(same_text, float("-inf"))  # (images, texts)
+    hard = similarity.argmax(dim=1)
+    shifted = torch.arange(batch_size, device=input_ids.device).roll(-1)
+    images = torch.arange(batch_size, device=input_ids.device)
+    valid = torch.stack([~same_text[images, shifted], torch.isfinite(similarity.max(dim=1).values)])
+    return shifted, hard, valid
+
+
+@torch.no_grad()
+def _itm_log_odds(
+    model: XModalForImageTextRetrieval, batch: dict[str, torch.Tensor], step: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """ITM log-odds (match minus no-match logit) `(B, 3)` of each image with its own caption, a random other caption
+    and its hardest in-batch negative; NaN where a batch has no valid negative (see `_in_batch_negatives`)."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    shifted, hard, valid = _in_batch_negatives(input_ids, step["image_embeds"], step["text_embeds"])
+    image = model._encode_image(batch["pixel_values"]).last_hidden_state
+    text = model._encode_text(input_ids, attention_mask).last_hidden_state
+    images = torch.arange(input_ids.shape[0], device=input_ids.device)
+    text_index = torch.cat([images, shifted, hard])
+    fused = model.fuse(image, text[text_index], attention_mask[text_index], image_index=images.repeat(3))
+    logits = model.itm_head(fused.pooler_output).float()
+    log_odds = (logits[:, 1] - logits[:, 0]).reshape(3, -1)
+    log_odds[1:] = log_odds[1:].masked_fill(~valid, float("nan"))
+    return log_odds.t()
+
+
+def itm_metrics(log_odds: torch.Tensor) -> dict[str, float]:
+    """Held-out image-text matching quality from `(N, 3)` ITM log-odds of (matched, random mismatched, hardest
+    in-batch mismatched) pairs, NaN marking a missing negative.
+
+    Returns:
+        `itm_accuracy`: balanced accuracy over matched and random mismatched pairs (chance 0.5);
+        `itm_hard_accuracy`: the same with the hard negatives, the harder test ALBEF trains for;
+        `itm_auc`: the probability that a matched pair scores above a mismatched one (random and hard negatives).
+    """
+    if log_odds.ndim != 2 or log_odds.shape[1] != 3:
+        raise ValueError(f"itm_metrics needs (N, 3) log-odds, got {tuple(log_odds.shape)}.")
+    positives = log_odds[:, 0]
+    metrics: dict[str, float] = {}
+    for name, negatives in (("itm_accuracy", log_odds[:, 1]), ("itm_hard_accuracy", log_odds[:, 2])):
+        negatives = negatives[~negatives.isnan()]
+        if len(negatives) == 0:
+            raise ValueError("itm_metrics got no mismatched pairs (every evaluation batch had one distinct text).")
+        metrics[name] = 0.5 * ((positives > 0).float().mean() + (negatives < 0).float().mean()).item()
+    negatives = log_odds[:, 1:].flatten()
+    negatives = negatives[~negatives.isnan()]
+    # AUC as the Mann-Whitney statistic, ties counted half
+    wins = (positives[:, None] > negatives[None, :]).float() + 0.5 * (positives[:, None] == negatives[None, :]).float()
+    metrics["itm_auc"] = wins.mean().item()
     return metrics
 
 
@@ -74,6 +140,8 @@ class EvaluationTask:
         label_column: the column of each row's class: an index into `class_names`, or with `labels_are_names` a
             value whose `str()` is the class name.
         templates: prompt templates with `{}` for the class name (averaged as a prompt ensemble).
+        itm: score each image with its caption, a random other caption and its hardest in-batch negative with the
+            ITM head (`itm_metrics`); the model must have one (pretrained with ITM).
         answer_vocab: the VQA head's answers, for rows with `questions`/`answers` lists (the first question of each
             row is asked); None skips VQA.
         captioning: generate a caption per image and score it against the row's captions (`captions_column`, or
@@ -84,6 +152,7 @@ class EvaluationTask:
     label_column: str = "label"
     labels_are_names: bool = False
     templates: Sequence[str] = ("a {}.",)
+    itm: bool = False
     answer_vocab: Sequence[str] | None = None
     captioning: bool = False
     captions_column: str | None = "captions"
@@ -171,6 +240,7 @@ def _predict(
     config = model.config
     vqa = _task_model(model, XModalForVisualQuestionAnswering, config) if task.answer_vocab is not None else None
     captioner = _task_model(model, XModalForConditionalGeneration, config) if task.captioning else None
+    matcher = _task_model(model, XModalForImageTextRetrieval, config) if task.itm else None
     pad_token_id = config.decoder_config.pad_token_id
     outputs: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc="evaluating", disable=not show_progress):
@@ -183,6 +253,8 @@ def _predict(
             ),
             "text_embeds": F.normalize(model.get_text_features(**text).pooler_output.float(), dim=-1),
         }
+        if matcher is not None:
+            step["itm_log_odds"] = _itm_log_odds(matcher, batch, step)
         if vqa is not None:
             logits = vqa(
                 input_ids=batch["question_input_ids"],
@@ -216,8 +288,8 @@ def evaluate_model(
     """Evaluates a model on a paired image-text dataset (decoded rows with `image` and `text`).
 
     Always retrieval (every text against every image, both ways); with `task`, also zero-shot classification,
-    VQA accuracy and captioning BLEU-4 / CIDEr-D. Keys: `text_to_image_R@1`, ..., `zero_shot_top1`,
-    `zero_shot_top5`, `vqa_accuracy`, `captioning_bleu4`, `captioning_cider` (and `captioning_examples`: three
+    ITM accuracy, VQA accuracy and captioning BLEU-4 / CIDEr-D. Keys: `text_to_image_R@1`, ..., `mean_recall`,
+    `zero_shot_top1`, `zero_shot_top5`, `itm_accuracy`, `itm_hard_accuracy`, `itm_auc`, `vqa_accuracy`, `captioning_bleu4`, `captioning_cider` (and `captioning_examples`: three
     (generated, reference) pairs).
     """
     if len(dataset) == 0:
@@ -252,6 +324,8 @@ def evaluate_model(
                 labels = [index[str(label)] for label in labels]
             result = _compute("zero_shot_accuracy", predictions=scores.tolist(), references=labels)
             metrics.update({f"zero_shot_{key}": float(value) for key, value in result.items()})
+        if task.itm:
+            metrics.update(itm_metrics(predictions["itm_log_odds"]))
         if task.answer_vocab is not None:
             answers = [task.answer_vocab[index] for index in predictions["vqa_answer"].tolist()]
             references = [[row[0]] for row in _column(dataset, "answers")]
@@ -277,9 +351,11 @@ def evaluation_task(
     answer_vocab: Sequence[str] | None = None,
     captioning: bool = False,
     max_new_tokens: int = 24,
+    itm: bool = False,
 ) -> EvaluationTask:
     """What to evaluate besides retrieval: zero-shot classification when a label column is known
-    (`--zero_shot_label_column`, `label` on the synthetic data), VQA with `answer_vocab`, captioning if asked."""
+    (`--zero_shot_label_column`, `label` on the synthetic data), ITM, VQA with `answer_vocab`, captioning if
+    asked."""
     label_column = args.zero_shot_label_column or ("label" if args.dataset == "synthetic" else None)
     class_names = None
     if label_column is not None:
@@ -296,6 +372,7 @@ def evaluation_task(
         label_column=label_column or "label",
         labels_are_names=label_column is not None and not hasattr(evaluation.features[label_column], "names"),
         templates=check_templates(args.zero_shot_templates.split("|")),
+        itm=itm,
         answer_vocab=answer_vocab,
         captioning=captioning,
         max_new_tokens=max_new_tokens,
@@ -343,5 +420,6 @@ __all__ = [
     "evaluate_model",
     "evaluate_retrieval",
     "evaluation_task",
+    "itm_metrics",
     "retrieval_metrics",
 ]
