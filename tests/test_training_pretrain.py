@@ -99,7 +99,7 @@ def test_cli_help_and_errors(capsys):
         main(["pretrain", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "--max_steps" in help_text and "Optimizer steps to train." in help_text
+    assert "--max_steps" in help_text and "Optimizer steps to train" in help_text
     assert main(["nonsense"]) == 2
     assert "unknown command 'nonsense'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch_size must be at least 1"):

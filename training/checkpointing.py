@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_model, save_model
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.json"
@@ -126,11 +127,11 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 
 
 def remove_incomplete_checkpoints(output_dir: str) -> None:
-    """Deletes `tmp-step-*` folders left by a run killed while saving."""
+    """Deletes `tmp-step-*` (and `tmp-best`) folders left by a run killed while saving."""
     root = checkpoint_root(output_dir)
     if os.path.isdir(root):
         for name in os.listdir(root):
-            if name.startswith("tmp-step-"):
+            if name.startswith(("tmp-step-", f"tmp-{BEST_DIR}")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -187,6 +188,64 @@ def save_checkpoint(
     return final
 
 
+BEST_DIR = "best"
+BEST_WEIGHTS = "model.safetensors"
+BEST_RECORD = "best.json"
+
+
+def best_model_path(output_dir: str) -> str:
+    """The folder of the best model seen by the validation evaluations (`--load_best_model_at_end`)."""
+    return os.path.join(checkpoint_root(output_dir), BEST_DIR)
+
+
+def save_best_model(accelerator: Accelerator, model: torch.nn.Module, output_dir: str, record: dict[str, Any]) -> str:
+    """Saves the weights of `model` (unwrapped, shared tensors once) and `record` (step, metric, value) as the best
+    model, atomically: written to `tmp-best`, flushed, then renamed over `best`, so the folder always holds one
+    whole best model. Every process must call it (the main process writes).
+
+    Raises:
+        OSError: on every process when the write failed; the previous best model is kept.
+    """
+    final = best_model_path(output_dir)
+    temporary = os.path.join(checkpoint_root(output_dir), f"tmp-{BEST_DIR}")
+    failure: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(temporary, ignore_errors=True)
+            os.makedirs(temporary)
+            save_model(accelerator.unwrap_model(model), os.path.join(temporary, BEST_WEIGHTS))
+            with open(os.path.join(temporary, BEST_RECORD), "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+            _fsync_tree(temporary)
+        except Exception as error:
+            failure = error
+    if _any_process(accelerator, failure is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        kept = f"the previous best model {final} is kept" if os.path.isdir(final) else "no best model was saved"
+        raise OSError(
+            f"Writing the best model to {final} failed"
+            + (f": {type(failure).__name__}: {failure}" if failure is not None else " on another process")
+            + f"; {kept}."
+        ) from failure
+    if accelerator.is_main_process:
+        _discard(final)
+        os.replace(temporary, final)
+        _fsync_folder(checkpoint_root(output_dir))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_best_model(model: torch.nn.Module, output_dir: str) -> dict[str, Any]:
+    """Loads the best model's weights into `model` (in place) and returns its record."""
+    path = best_model_path(output_dir)
+    if not os.path.isfile(os.path.join(path, BEST_RECORD)):
+        raise FileNotFoundError(f"{path} holds no complete best model ({BEST_RECORD} is missing).")
+    load_model(model, os.path.join(path, BEST_WEIGHTS))
+    with open(os.path.join(path, BEST_RECORD), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def load_checkpoint(accelerator: Accelerator, path: str) -> dict[str, Any]:
     """Restores the Accelerate state of a checkpoint (model, optimizer, scheduler, RNG states) and returns its
     training state."""
@@ -199,13 +258,17 @@ def load_checkpoint(accelerator: Accelerator, path: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "BEST_DIR",
     "CHECKPOINTS_DIR",
     "STATE_FILE",
+    "best_model_path",
     "checkpoint_root",
     "describe_write_failure",
     "latest_checkpoint",
     "list_checkpoints",
+    "load_best_model",
     "load_checkpoint",
     "remove_incomplete_checkpoints",
+    "save_best_model",
     "save_checkpoint",
 ]

@@ -107,4 +107,88 @@ class ContrastiveLoss(nn.Module):
         ) / 2.0
 
 
-__all__ = ["ContrastiveLoss", "GlobalBatch", "gather_with_grad"]
+LOSS_BALANCING: tuple[str, ...] = ("none", "running_scale", "uncertainty")
+"""How `LossBalancer` combines the objectives of a multi-task step."""
+
+
+def _process_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the processes (itself on one process), detached."""
+    values = values.detach().clone()
+    _, world_size = _world()
+    if world_size > 1:
+        dist.all_reduce(values)
+        values /= world_size
+    return values
+
+
+class LossBalancer(nn.Module):
+    r"""Combines the losses of a multi-task step, $L = \sum_i w_i \, f_i(L_i)$, with the weights `w_i` of the
+    objectives (`XModalConfig.<objective>_loss_weight`) and one of three schemes:
+
+    - `"none"`: $f_i(L) = L$, the fixed weighted sum that `XModalForPreTraining` returns;
+    - `"running_scale"`: $f_i(L) = L / m_i$, with $m_i$ a bias-corrected exponential moving average (decay `momentum`)
+      of $L_i$ over the steps, this step included (not differentiated), so that each objective weighs $w_i$ whatever
+      its units: a VQA loss of 20 at the start no longer drowns an InfoNCE of 4, and an objective whose loss has
+      fallen by half counts as much as before;
+    - `"uncertainty"`: learned homoscedastic-uncertainty weights (Kendall, Gal and Cipolla, CVPR 2018, the form for
+      classification losses): $f_i(L) = e^{-s_i} L + s_i / 2$ with a learnable $s_i = \log \sigma_i^2$ per objective
+      (initialised at 0), so the weight of each objective settles near $1 / (2 L_i)$. The parameters must be given to
+      the optimizer (`parameters()`, no weight decay).
+
+    The statistics (`running_scale`'s averages, `uncertainty`'s gradient for $s_i$) use the losses averaged over the
+    processes, so every process combines them alike and `s_i` stays identical everywhere. The state is in
+    `state_dict()` (buffers and parameters), for checkpoints.
+
+    Args:
+        weights: `{objective: w_i}` of the objectives, in the order of their losses.
+        mode: one of :data:`LOSS_BALANCING`.
+        momentum: decay of `running_scale`'s averages, in `[0, 1)`.
+    """
+
+    def __init__(self, weights: dict[str, float], mode: str = "none", momentum: float = 0.98) -> None:
+        super().__init__()
+        if mode not in LOSS_BALANCING:
+            raise ValueError(f"--loss_balancing must be one of {', '.join(LOSS_BALANCING)}, got {mode!r}.")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"LossBalancer momentum must be in [0, 1), got {momentum}.")
+        self.names = list(weights)
+        self.mode = mode
+        self.momentum = momentum
+        self.register_buffer("weights", torch.tensor([weights[name] for name in self.names], dtype=torch.float))
+        self.register_buffer("running_mean", torch.zeros(len(self.names)))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.log_variance = nn.Parameter(torch.zeros(len(self.names))) if mode == "uncertainty" else None
+
+    def effective_weights(self) -> torch.Tensor:
+        """`(num_objectives,)`: what each loss is multiplied by now (for logging)."""
+        if self.mode == "running_scale":
+            correction = 1.0 - self.momentum ** self.num_updates.clamp(min=1).float()
+            return self.weights / (self.running_mean / correction).clamp(min=1e-8)
+        if self.mode == "uncertainty":
+            return self.weights * torch.exp(-self.log_variance.detach())
+        return self.weights.clone()
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`{objective: loss ()}` (every objective of `weights`) -> the combined loss `()`."""
+        if set(losses) != set(self.names):
+            raise ValueError(f"LossBalancer expects the losses of {self.names}, got {sorted(losses)}.")
+        values = torch.stack([losses[name].float() for name in self.names])
+        weights = self.weights.to(values.device)
+        if self.mode == "none":
+            return (weights * values).sum()
+        mean = _process_mean(values)
+        if self.mode == "running_scale":
+            if self.training and torch.isfinite(mean).all():
+                self.running_mean.mul_(self.momentum).add_((1.0 - self.momentum) * mean.to(self.running_mean))
+                self.num_updates += 1
+            return (self.effective_weights().to(values.device) * values).sum()
+        log_variance = self.log_variance.to(values.device)
+        precision = torch.exp(-log_variance)
+        # the model's gradient is e^{-s} dL (local losses); s's gradient comes from the processes' mean losses, so
+        # that s stays the same on every process; the value is the Kendall loss of the local losses
+        model_term = precision.detach() * values
+        variance_term = precision * mean + log_variance / 2.0 - precision.detach() * mean
+        return (weights * (model_term + variance_term)).sum()
+
+
+__all__ = ["LOSS_BALANCING", "ContrastiveLoss", "GlobalBatch", "LossBalancer", "gather_with_grad"]

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,22 +25,30 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
+    broadcast,
     set_seed,
 )
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase
 
 from xmodal import XModalConfig, XModalForPreTraining, XModalImageProcessor, XModalModel, XModalProcessor
 from xmodal.processing import load_tokenizer, train_tokenizer
-from xmodal.training.augmentations import ImageAugmentation, TextAugmentation
+from xmodal.training.augmentations import (
+    HORIZONTAL_FLIP_MODES,
+    ImageAugmentation,
+    PairAugmentation,
+    TextAugmentation,
+)
 from xmodal.training.cards import RETRIEVAL_EXAMPLE_FILE, write_model_card
 from xmodal.training.checkpointing import (
     checkpoint_root,
     latest_checkpoint,
+    load_best_model,
     load_checkpoint,
     remove_incomplete_checkpoints,
+    save_best_model,
     save_checkpoint,
 )
 from xmodal.training.data import (
@@ -51,9 +59,11 @@ from xmodal.training.data import (
 )
 from xmodal.training.data.pipeline import DataArguments, load_pretraining_data
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows, row_seed
-from xmodal.training.evaluation import evaluate_model, evaluation_task
-from xmodal.training.losses import ContrastiveLoss, GlobalBatch
+from xmodal.training.evaluation import EvaluationTask, evaluate_model, evaluation_task
+from xmodal.training.losses import LOSS_BALANCING, ContrastiveLoss, GlobalBatch, LossBalancer
 from xmodal.training.plots import plot_retrieval_example
+from xmodal.training.schedule import BudgetedSchedule, parse_duration
+from xmodal.training.selection import ModelSelection
 
 OBJECTIVES = ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
 
@@ -70,6 +80,27 @@ def parse_objectives(value: str) -> tuple[str, ...]:
     return tuple(name for name in OBJECTIVES if name in names)
 
 
+def parse_loss_weights(value: str | None, objectives: tuple[str, ...]) -> dict[str, float]:
+    """`--loss_weights 'itm=0.5,vqa=0.25'` -> the weight of every objective of the run (1 where not named)."""
+    weights = dict.fromkeys(objectives, 1.0)
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        name, _, number = part.partition("=")
+        name = name.strip()
+        try:
+            weight = float(number)
+        except ValueError:
+            weight = math.nan
+        if name not in objectives or not math.isfinite(weight) or weight < 0:
+            raise ValueError(
+                f"--loss_weights {value!r}: {part.strip()!r} is not 'objective=weight' with a weight >= 0 for one of "
+                f"the run's objectives ({', '.join(objectives)})."
+            )
+        weights[name] = weight
+    return weights
+
+
 @dataclass
 class PretrainArguments(DataArguments):
     """Options of `xmodal pretrain` (each is also a command-line flag); the data options are `DataArguments`'."""
@@ -81,12 +112,23 @@ class PretrainArguments(DataArguments):
         default=None,
         metadata={"help": "Folder of a saved tokenizer to use instead of training one on the training captions."},
     )
-    max_length: int = field(default=32, metadata={"help": "Longest caption in tokens (special tokens included)."})
-    max_steps: int = field(default=240, metadata={"help": "Optimizer steps to train."})
+    max_length: int = field(default=40, metadata={"help": "Longest caption in tokens (special tokens included)."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps to train (default: 240 without --max_time, no step limit with it)."},
+    )
+    max_time: str | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock budget of the training loop (its evaluations and checkpoints included), e.g. 90, 8m, "
+            "1h30m or 00:08:00 (Lightning's format). The run ends before the next step would pass it, with a "
+            "checkpoint (--save_steps) and the final evaluation; the cosine schedule decays over the budget."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Image-text pairs per step and process (the negatives)."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(
-        default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings)."}
+        default=0.05, metadata={"help": "AdamW weight decay (not on norms, biases, embeddings and the logit scale)."}
     )
     warmup_steps: int = field(default=25, metadata={"help": "Linear warmup steps before the cosine decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
@@ -98,8 +140,39 @@ class PretrainArguments(DataArguments):
     eval_batch_size: int = field(default=250, metadata={"help": "Batch size for embedding the evaluation split."})
     objectives: str = field(
         default="contrastive",
-        metadata={"help": f"'all' or a comma-separated subset of {', '.join(OBJECTIVES)} (each weighted 1)."},
+        metadata={"help": f"'all' or a comma-separated subset of {', '.join(OBJECTIVES)}."},
     )
+    loss_weights: str | None = field(
+        default=None,
+        metadata={"help": "Weights of the objectives, e.g. 'itm=0.5,vqa=0.25' (1 for those not named)."},
+    )
+    loss_balancing: str = field(
+        default="none",
+        metadata={
+            "help": "How the objectives' losses are combined: none (the weighted sum), running_scale (each divided "
+            "by a running average of itself, so each weighs its weight whatever its units) or uncertainty (learned "
+            "weights, Kendall et al. 2018)."
+        },
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "Train-time image augmentation (crop, flip, optional colour); --no_augment turns it off."},
+    )
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.7, 1.0],
+        metadata={"help": "Area range of the random resized crop (two numbers in (0, 1]; '1 1' disables cropping)."},
+    )
+    horizontal_flip: str = field(
+        default="mirror_text",
+        metadata={
+            "help": "off, on (flip the image only) or mirror_text (flip it and exchange left/right in its caption, "
+            "question and answer) for half of the pairs."
+        },
+    )
+    color_jitter: float = field(
+        default=0.0, metadata={"help": "Brightness, contrast and saturation jitter strength (0 disables)."}
+    )
+    grayscale_probability: float = field(default=0.0, metadata={"help": "Share of training images made grey."})
     contrastive_loss_type: str = field(default="nt_xent", metadata={"help": "nt_xent (InfoNCE) or siglip."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the InfoNCE loss."})
     queue_size: int = field(default=0, metadata={"help": "Momentum-queue negatives per positive (0: none)."})
@@ -156,7 +229,30 @@ class PretrainArguments(DataArguments):
             "forever (as transformers' TrainingArguments.ddp_timeout)."
         },
     )
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every this many steps too (0: only at the end)."})
+    eval_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Evaluate the validation split every this many steps, or, below 1, every this share of the "
+            "budget (transformers' convention; 0: no evaluation during training)."
+        },
+    )
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Validation metric that picks the best model among the evaluations, e.g. mean_recall, "
+            "text_to_image_R@1, zero_shot_top1 or itm_accuracy (default with --load_best_model_at_end: mean_recall)."
+        },
+    )
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a larger metric is better (default: yes, except for ranks)."}
+    )
+    load_best_model_at_end: bool = field(
+        default=False,
+        metadata={
+            "help": "Save, evaluate and publish the best model of the validation evaluations instead of the last "
+            "(the last is evaluated too)."
+        },
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log to the trackers every this many steps."})
     report_to: str = field(
         default="none",
@@ -173,16 +269,50 @@ class PretrainArguments(DataArguments):
                 raise ValueError(f"--config_overrides is not valid JSON: {err}") from err
             if not isinstance(overrides, dict):
                 raise ValueError(f"--config_overrides must be a JSON object, got {self.config_overrides!r}.")
-        for name in ("vocab_size", "max_length", "max_steps", "batch_size"):
+        self.max_seconds = parse_duration(self.max_time) if self.max_time is not None else None
+        if self.max_steps is None and self.max_seconds is None:
+            self.max_steps = 240
+        for name in ("vocab_size", "max_length", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max_steps must be at least 1, got {self.max_steps}.")
+        self.objective_weights = parse_loss_weights(self.loss_weights, parse_objectives(self.objectives))
+        if self.loss_balancing not in LOSS_BALANCING:
+            raise ValueError(
+                f"--loss_balancing must be one of {', '.join(LOSS_BALANCING)}, got {self.loss_balancing!r}."
+            )
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"--crop_scale must be two numbers lo hi with 0 < lo <= hi <= 1, got {self.crop_scale}.")
+        if self.horizontal_flip not in HORIZONTAL_FLIP_MODES:
+            raise ValueError(
+                f"--horizontal_flip must be one of {', '.join(HORIZONTAL_FLIP_MODES)}, got {self.horizontal_flip!r}."
+            )
+        if self.color_jitter < 0:
+            raise ValueError(f"--color_jitter must be non-negative, got {self.color_jitter}.")
+        if not 0 <= self.grayscale_probability <= 1:
+            raise ValueError(f"--grayscale_probability must be in [0, 1], got {self.grayscale_probability}.")
+        if self.eval_steps < 0 or (self.eval_steps > 1 and self.eval_steps != int(self.eval_steps)):
+            raise ValueError(
+                f"--eval_steps must be 0, a share of the budget in (0, 1) or a whole number of steps, got "
+                f"{self.eval_steps}."
+            )
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "mean_recall"
+        if self.metric_for_best_model is not None and not self.eval_steps:
+            raise ValueError(
+                "--metric_for_best_model / --load_best_model_at_end select among the evaluations during training: "
+                "set --eval_steps (e.g. 0.1 for every tenth of the budget)."
+            )
+        if self.greater_is_better is None and self.metric_for_best_model is not None:
+            self.greater_is_better = not self.metric_for_best_model.endswith(("rank", "loss"))
         if self.eval_batch_size < 1:
             raise ValueError(f"--eval_batch_size must be at least 1, got {self.eval_batch_size}.")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.weight_decay < 0:
             raise ValueError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
-        if not 0 <= self.warmup_steps <= self.max_steps:
+        if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
             raise ValueError(f"--warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}.")
         if self.dataset == "synthetic" and self.batch_size > self.num_train_examples:
             raise ValueError(
@@ -194,7 +324,7 @@ class PretrainArguments(DataArguments):
         for name in ("gradient_accumulation_steps", "max_nonfinite_steps", "ddp_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("save_steps", "save_total_limit", "eval_steps", "logging_steps", "unlocked_text_layers"):
+        for name in ("save_steps", "save_total_limit", "logging_steps", "unlocked_text_layers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be non-negative, got {getattr(self, name)}.")
 
@@ -205,8 +335,10 @@ class ImageTextCollator:
 
     With `answer_vocab`, one of each row's `questions` is drawn (its answer from `answers`) and tokenized as
     `question_input_ids`/`question_attention_mask` `(B, Lq)`, with `vqa_labels` `(B,)` indexing `answer_vocab`.
-    With augmentations, a second view of each pair is added as `second_view_*` (the first view is the original, so
-    the other objectives see unaltered pairs).
+    With `augmentation` (train time), each pair may be flipped (its caption, question and answer mirrored with it)
+    and each image is augmented. With `image_augmentation`/`text_augmentation`, a second view of each pair is added
+    as `second_view_*`, augmented from the (flipped, not otherwise augmented) image and the caption.
+    Random draws use torch's global RNG, which `SeededCollate` seeds from the batch's rows.
     """
 
     def __init__(
@@ -216,6 +348,7 @@ class ImageTextCollator:
         image_column: str = "image",
         text_column: str = "text",
         answer_vocab: list[str] | None = None,
+        augmentation: PairAugmentation | None = None,
         image_augmentation: ImageAugmentation | None = None,
         text_augmentation: TextAugmentation | None = None,
     ) -> None:
@@ -224,6 +357,7 @@ class ImageTextCollator:
         self.image_column = image_column
         self.text_column = text_column
         self.answer_index = {answer: index for index, answer in enumerate(answer_vocab)} if answer_vocab else None
+        self.augmentation = augmentation
         self.image_augmentation = image_augmentation
         self.text_augmentation = text_augmentation
 
@@ -235,10 +369,12 @@ class ImageTextCollator:
         )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        augmentation = self.augmentation or PairAugmentation(horizontal_flip="off")
+        flips = augmentation.draw_flips(len(rows))
         batch = dict(
             self.processor(
                 images=[row[self.image_column] for row in rows],
-                text=[row[self.text_column] for row in rows],
+                text=augmentation.mirror_texts([row[self.text_column] for row in rows], flips),
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -246,23 +382,23 @@ class ImageTextCollator:
             )
         )
         if self.answer_index is not None:
-            questions, labels = [], []
+            questions, answers = [], []
             for row in rows:
-                # torch's RNG: seeded per DataLoader worker, so workers draw different questions
                 pick = int(torch.randint(len(row["questions"]), ()))
-                answer = row["answers"][pick]
-                if answer not in self.answer_index:
-                    raise ValueError(
-                        f"Answer {answer!r} (to {row['questions'][pick]!r}) is not in the answer vocabulary."
-                    )
                 questions.append(row["questions"][pick])
-                labels.append(self.answer_index[answer])
+                answers.append(row["answers"][pick])
+            questions, answers = augmentation.mirror_texts(questions, flips), augmentation.mirror_texts(answers, flips)
+            for question, answer in zip(questions, answers):
+                if answer not in self.answer_index:
+                    raise ValueError(f"Answer {answer!r} (to {question!r}) is not in the answer vocabulary.")
             question = self._tokenize(questions)
             batch["question_input_ids"] = question["input_ids"]
             batch["question_attention_mask"] = question["attention_mask"]
-            batch["vqa_labels"] = torch.tensor(labels)
+            batch["vqa_labels"] = torch.tensor([self.answer_index[answer] for answer in answers])
+        flipped = augmentation.flip_images(batch["pixel_values"], flips)
+        batch["pixel_values"] = augmentation.image(flipped) if augmentation.image is not None else flipped
         if self.image_augmentation is not None:
-            batch["second_view_pixel_values"] = self.image_augmentation(batch["pixel_values"])
+            batch["second_view_pixel_values"] = self.image_augmentation(flipped)
         if self.text_augmentation is not None:
             ids, mask = self.text_augmentation(batch["input_ids"], batch["attention_mask"])
             batch["second_view_input_ids"], batch["second_view_attention_mask"] = ids, mask
@@ -290,7 +426,7 @@ def build_config(
             "bos_token_id": tokenizer.cls_token_id,
             "eos_token_id": tokenizer.sep_token_id,
         },
-        **{f"{name}_loss_weight": float(name in objectives) for name in OBJECTIVES},
+        **{f"{name}_loss_weight": args.objective_weights.get(name, 0.0) for name in OBJECTIVES},
         "contrastive_loss_type": args.contrastive_loss_type,
         "label_smoothing": args.label_smoothing,
         "queue_size": args.queue_size,
@@ -303,7 +439,7 @@ def build_config(
 
 
 def _image_augmentation(processor: XModalProcessor, config: XModalConfig) -> ImageAugmentation:
-    """Mild augmentations: the captions name positions, so crops keep most of the image."""
+    """The second view's augmentation (`--multiview`): mild, since the captions name positions."""
     image_processor = processor.image_processor
     return ImageAugmentation(
         crop_scale=(0.8, 1.0),
@@ -311,6 +447,25 @@ def _image_augmentation(processor: XModalProcessor, config: XModalConfig) -> Ima
         image_mean=tuple(image_processor.image_mean),
         image_std=tuple(image_processor.image_std),
     )
+
+
+def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> PairAugmentation | None:
+    """The train-time augmentation of every pair (`--augment`, on by default): a random resized crop of
+    `--crop_scale`, `--horizontal_flip` for half of the pairs, `--color_jitter` and `--grayscale_probability`.
+    Never applied at evaluation."""
+    if not args.augment:
+        return None
+    image_processor = processor.image_processor
+    image = ImageAugmentation(
+        crop_scale=tuple(args.crop_scale),
+        brightness=args.color_jitter,
+        contrast=args.color_jitter,
+        saturation=args.color_jitter,
+        grayscale_probability=args.grayscale_probability,
+        image_mean=tuple(image_processor.image_mean),
+        image_std=tuple(image_processor.image_std),
+    )
+    return PairAugmentation(image=image, horizontal_flip=args.horizontal_flip)
 
 
 def _text_augmentation(tokenizer: PreTrainedTokenizerBase) -> TextAugmentation:
@@ -579,21 +734,35 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
+def _shared_clock(accelerator: Accelerator, seconds: float, step_seconds: float) -> tuple[float, float]:
+    """The main process's training time and last step time on every process: the time budget's stop and learning
+    rate must be decided alike everywhere (each process's own clock differs by milliseconds)."""
+    if accelerator.num_processes == 1:
+        return seconds, step_seconds
+    values = broadcast(torch.tensor([seconds, step_seconds], dtype=torch.float64, device=accelerator.device))
+    return float(values[0]), float(values[1])
+
+
 def pretrain(args: PretrainArguments) -> dict[str, Any]:
-    """Pretrains (contrastive, or multi-task with `args.objectives`), evaluates retrieval on the held-out test split
-    and saves a Hub-ready folder. With `save_steps`, checkpoints are written atomically and `resume` continues the
-    newest one exactly (same weights as an uninterrupted run).
+    """Pretrains (contrastive, or multi-task with `args.objectives`) within a budget of steps and/or wall-clock time,
+    evaluates the validation split during training (`eval_steps`), keeps the best model (`metric_for_best_model`,
+    `load_best_model_at_end`), evaluates the held-out test split and saves a Hub-ready folder. With `save_steps`,
+    checkpoints are written atomically and `resume` continues the newest one exactly (with a step budget: the same
+    weights as an uninterrupted run).
 
     Returns:
-        The metrics written to `output_dir/metrics.json`: retrieval Recall@1/5/10 both ways, the loss curves (total
-        and per objective), counters of skipped steps and timing.
+        The metrics written to `output_dir/metrics.json`: the test metrics (`test_*`: retrieval Recall@1/5/10 both
+        ways, and zero-shot, ITM, VQA and captioning where they apply), the validation evaluations
+        (`eval_history`, `best_model`), the loss curves (total and per objective), counters of skipped steps and
+        timing.
     """
     objectives = parse_objectives(args.objectives)
     _check_output_dir(args)
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-    data = load_pretraining_data(args, XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size)
+    image_size = XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size
+    data = load_pretraining_data(args, image_size, validation=bool(args.eval_steps))
     if "vqa" in objectives and not {"questions", "answers"} <= set(data.columns):
         raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
     if args.text_tower:
@@ -614,20 +783,27 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         processor,
         args.max_length,
         answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
+        augmentation=train_augmentation(args, processor),
         image_augmentation=_image_augmentation(processor, config) if args.multiview else None,
         text_augmentation=_text_augmentation(tokenizer) if args.multiview else None,
     )
     loader = _train_loader(data.train, SkipBadRows(collator), args, accelerator.num_processes)
+    # the objectives the model computes (a weight of 0 removes one) and how their losses are combined
+    weights = {name: getattr(config, f"{name}_loss_weight") for name in objectives}
+    weights = {name: weight for name, weight in weights.items() if weight > 0}
+    balancer = LossBalancer(weights, args.loss_balancing).to(accelerator.device)
+    groups = optimizer_param_groups(model, args.weight_decay)
+    if args.loss_balancing == "uncertainty":
+        groups.append({"params": list(balancer.parameters()), "weight_decay": 0.0})
     # torch's fused AdamW kernel (one pass over each parameter instead of a dozen elementwise ops; transformers'
     # Trainer default) where the device has one
     fused = accelerator.device.type in ("cpu", "cuda", "mps") or None
-    optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, args.weight_decay), lr=args.learning_rate, fused=fused
-    )
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
     # stepped once per optimizer step by us (a prepared scheduler would step once per process)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, args.max_steps)
+    scheduler = BudgetedSchedule(optimizer, args.warmup_steps, args.max_steps, args.max_seconds)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(balancer)
     # several processes: the negatives of InfoNCE, ITM and the momentum queue come from the global batch (gathered,
     # with gradients where they flow)
     extra_inputs: dict[str, Any] = {}
@@ -647,10 +823,11 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "epoch": 0,
         "batch": 0,
         "losses": [],
-        "objective_losses": {name: [] for name in objectives},
+        "objective_losses": {name: [] for name in weights},
         "nonfinite_steps": 0,
         "train_seconds": 0.0,
         "eval_history": [],
+        **ModelSelection.initial_state(),
         # what fixes the data order and the RNG files: a resumed run must use the same
         "run_options": {
             **{name: getattr(args, name) for name in _RESUME_OPTIONS},
@@ -660,22 +837,39 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     task = evaluation_task(
         args,
         data.evaluation,
-        answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
-        captioning="captioning" in objectives,
+        answer_vocab=ANSWER_VOCAB if "vqa" in weights else None,
+        captioning="captioning" in weights,
         max_new_tokens=args.max_length - 1,
+        itm="itm" in weights,
     )
+    selection = ModelSelection(args.eval_steps, args.metric_for_best_model, bool(args.greater_is_better))
+    # generating captions is the slow part of an evaluation: during training only when it is what selects
+    selecting_captions = (args.metric_for_best_model or "").removeprefix("eval_").startswith("captioning")
+    validation_task = replace(task, captioning=task.captioning and selecting_captions)
 
-    def evaluate(model: XModalModel) -> dict[str, Any]:
+    def evaluate(model: XModalModel, dataset: Dataset, task: EvaluationTask) -> dict[str, Any]:
         return evaluate_model(
             model,
             processor,
-            data.evaluation,
+            dataset,
             task,
             accelerator=accelerator,
             batch_size=args.eval_batch_size,
             max_length=args.max_length,
             show_progress=accelerator.is_local_main_process,
         )
+
+    def validate(step: int) -> None:
+        """Evaluates the validation split; an improvement of the selection metric saves the best model."""
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        results = evaluate(unwrapped, data.validation, validation_task)
+        state["eval_history"].append({"step": step, **results})
+        accelerator.log(
+            {f"eval_{key}": value for key, value in results.items() if isinstance(value, float)}, step=step
+        )
+        if selection.improves(results, state):
+            state["best"] = selection.record(step, results)
+            save_best_model(accelerator, unwrapped, args.output_dir, state["best"])
 
     bad_rows = BadRowCounter(args.max_bad_row_fraction)
     remove_incomplete_checkpoints(args.output_dir)
@@ -707,7 +901,16 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     consecutive_nonfinite = 0
     batches = _batches(loader, accelerator, state, bad_rows)
     accumulation = args.gradient_accumulation_steps
-    while state["step"] < args.max_steps:
+    seconds, step_seconds = seconds_before, 0.0
+
+    def budget_spent() -> bool:
+        # a time budget ends the run before the next step would pass it (by the last step's duration)
+        if args.max_steps is not None and state["step"] >= args.max_steps:
+            return True
+        return args.max_seconds is not None and seconds + step_seconds > args.max_seconds
+
+    while not budget_spent():
+        step_start = time.perf_counter()
         micro_losses: list[torch.Tensor] = []
         nonfinite = False
         for micro in range(accumulation):
@@ -715,14 +918,14 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             sync = micro == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 outputs = model(**batch, return_loss=True, **extra_inputs)
-                nonfinite = _any_process(accelerator, not torch.isfinite(outputs.loss).item())
+                losses = {name: outputs[f"{name}_loss"] for name in weights}
+                loss = balancer(losses)
+                nonfinite = _any_process(accelerator, not torch.isfinite(loss).item())
                 # a non-finite loss still runs backward (scaled by 0) so that DDP's collectives stay in step
-                accelerator.backward(outputs.loss * (0.0 if nonfinite else 1.0 / accumulation))
+                accelerator.backward(loss * (0.0 if nonfinite else 1.0 / accumulation))
             if nonfinite:
                 break
-            micro_losses.append(
-                torch.stack([outputs.loss.detach()] + [outputs[f"{n}_loss"].detach() for n in objectives])
-            )
+            micro_losses.append(torch.stack([outputs.loss.detach()] + [value.detach() for value in losses.values()]))
         if not nonfinite and args.max_grad_norm > 0:
             # a finite loss can still give non-finite gradients (overflow in the backward pass)
             nonfinite = not math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
@@ -731,6 +934,9 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             # fp16: the gradient scaler skips steps whose gradients overflowed
             nonfinite = accelerator.optimizer_step_was_skipped
         optimizer.zero_grad(set_to_none=True)
+        seconds, step_seconds = _shared_clock(
+            accelerator, seconds_before + time.perf_counter() - session_start, time.perf_counter() - step_start
+        )
         if nonfinite:
             state["nonfinite_steps"] += 1
             consecutive_nonfinite += 1
@@ -743,14 +949,14 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                 )
             continue
         consecutive_nonfinite = 0
-        scheduler.step()
         with torch.no_grad():
             # clamp the parameter itself (open_clip) so it keeps receiving gradient at the bound
             logit_scale.clamp_(0, max_log_scale)
         state["step"] += 1
+        scheduler.step(state["step"], seconds)
         step_losses = accelerator.reduce(torch.stack(micro_losses).mean(dim=0), reduction="mean").tolist()
         state["losses"].append(step_losses[0])
-        for name, value in zip(objectives, step_losses[1:]):
+        for name, value in zip(weights, step_losses[1:]):
             state["objective_losses"][name].append(value)
         pairs_per_s = (state["step"] - start_step) * pairs_per_step / (time.perf_counter() - session_start)
         progress.set_postfix(
@@ -758,22 +964,19 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         )
         progress.update(1)
         if args.logging_steps and state["step"] % args.logging_steps == 0:
+            balance = balancer.effective_weights().tolist()
             accelerator.log(
                 {
                     "loss": step_losses[0],
                     "lr": scheduler.get_last_lr()[0],
                     "pairs_per_s": pairs_per_s,
-                    **{f"{n}_loss": v for n, v in zip(objectives, step_losses[1:])},
+                    **{f"{n}_loss": v for n, v in zip(weights, step_losses[1:])},
+                    **({f"{n}_weight": v for n, v in zip(weights, balance)} if args.loss_balancing != "none" else {}),
                 },
                 step=state["step"],
             )
-        if args.eval_steps and state["step"] % args.eval_steps == 0 and state["step"] < args.max_steps:
-            results = evaluate(accelerator.unwrap_model(model, keep_torch_compile=False))
-            state["eval_history"].append({"step": state["step"], **results})
-            accelerator.log(
-                {f"eval_{key}": value for key, value in results.items() if isinstance(value, float)},
-                step=state["step"],
-            )
+        if not budget_spent() and selection.due(state["step"], scheduler.progress(state["step"], seconds), state):
+            validate(state["step"])
         if args.save_steps and state["step"] % args.save_steps == 0:
             state["train_seconds"] = seconds_before + time.perf_counter() - session_start
             save_checkpoint(
@@ -783,12 +986,19 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     if bad_rows.num_bad:
         accelerator.print(bad_rows.summary())
     state["train_seconds"] = seconds_before + time.perf_counter() - session_start
+    if args.eval_steps and (not state["eval_history"] or state["eval_history"][-1]["step"] != state["step"]):
+        validate(state["step"])  # the last model is a candidate too
     if args.save_steps and state["step"] % args.save_steps:
         save_checkpoint(
             accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
         )
 
     model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if args.load_best_model_at_end and state["best"] is not None and state["best"]["step"] != state["step"]:
+        load_best_model(model, args.output_dir)
+        accelerator.print(
+            f"Loaded the best model: step {state['best']['step']}, {state['best']['metric']} = {state['best']['value']:.4f}."
+        )
     if accelerator.is_main_process:
         # the weights first: nothing trained is lost if evaluation fails
         model.save_pretrained(args.output_dir)
@@ -801,15 +1011,17 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         "first_loss": losses[0],
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "losses": losses,
-        "objectives": list(objectives),
+        "objectives": list(weights),
         "objective_losses": state["objective_losses"],
         "nonfinite_steps": state["nonfinite_steps"],
         "rows_seen": bad_rows.num_rows,
         "bad_rows": bad_rows.num_bad,
         "bad_row_examples": list(bad_rows.examples),
         "resumed_from": resumed_from,
+        "best_model": state["best"],
+        "saved_model_step": state["best"]["step"] if args.load_best_model_at_end and state["best"] else state["step"],
     }
-    metrics.update({f"test_{key}": value for key, value in evaluate(model).items()})
+    metrics.update({f"test_{key}": value for key, value in evaluate(model, data.evaluation, task).items()})
     metrics["test_chance_R@1"] = 1.0 / len(data.evaluation)
     metrics["eval_history"] = state["eval_history"]
     if accelerator.is_main_process:
