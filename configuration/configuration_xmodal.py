@@ -385,6 +385,9 @@ class XModalConfig(PreTrainedConfig):
         itm_sampling (`str`): `"half"` (default) fuses B pairs per batch, half of them replaced by hard negatives
             (the UNITER/ViLT budget, balanced classes); `"all"` fuses 3B pairs: every positive, a negative image per
             text and a negative text per image (ALBEF), three times the ITM compute (see bench/multitask_cost.py).
+        auxiliary_batch_size (`int`, *optional*): MLM, MIM, captioning and VQA see only the first this many pairs
+            of each batch (their cost grows with the pairs they see), while the contrastive loss and ITM keep every
+            pair and its negatives; None (default): every pair.
         itm_rerank_top_k (`int`): candidates per query that [`XModalForImageTextRetrieval`] re-ranks with ITM.
         mlm_probability (`float`): share of text tokens masked for MLM (BERT's 80/10/10 rule applies).
         mask_token_id (`int`): the [MASK] id; special_token_ids (`list[int]`): ids never masked (default:
@@ -444,6 +447,7 @@ class XModalConfig(PreTrainedConfig):
     itm_hard_negatives: bool = True
     itm_sampling: str = "half"
     itm_rerank_top_k: int = 16
+    auxiliary_batch_size: int | None = None
     mlm_probability: float = 0.15
     mask_token_id: int = 4
     special_token_ids: list[int] | None = None
@@ -530,6 +534,8 @@ class XModalConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
                 raise ValueError(f"XModalConfig.{field} must be a float in (0, 1), got {value!r}.")
         _check_positive_int(self, "queue_size", allow_zero=True)
+        if self.auxiliary_batch_size is not None:
+            _check_positive_int(self, "auxiliary_batch_size")
         if self.queue_size and self.contrastive_loss_type == "siglip":
             raise ValueError(
                 "XModalConfig.queue_size > 0 (momentum queue negatives) needs contrastive_loss_type='nt_xent'."

@@ -2090,6 +2090,11 @@ def _caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return ((input_ids.long() * attention_mask.long() + 1) * weights * attention_mask.long()).sum(dim=1)
 
 
+def _rows(tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """`tensor[rows]` (the first dimension), None for None."""
+    return None if tensor is None else tensor[rows]
+
+
 def _itm_pairs(
     logits_text_to_image: torch.Tensor, logits_image_to_text: torch.Tensor, allowed: torch.Tensor, hard: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -2858,17 +2863,32 @@ class XModalForPreTraining(XModalModel):
                 self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch
             )
             requests["itm"] = (itm_texts, itm_masks, itm_index)
+        # MLM, VQA, MIM and captioning see the first `auxiliary_batch_size` pairs only (their cost grows with the
+        # pairs they see; the contrastive loss and ITM keep every pair and its negatives)
+        rows = slice(None) if config.auxiliary_batch_size is None else slice(0, config.auxiliary_batch_size)
+        aux_ids, aux_mask, aux_types = input_ids[rows], _rows(attention_mask, rows), _rows(token_type_ids, rows)
+        aux_image, aux_text, aux_index = image[rows], text[rows], batch_index[rows]
+        special_tokens_mask, mlm_input_ids, mlm_labels = (
+            _rows(special_tokens_mask, rows), _rows(mlm_input_ids, rows), _rows(mlm_labels, rows)
+        )  # fmt: skip
+        question_input_ids, question_attention_mask, vqa_labels = (
+            _rows(question_input_ids, rows), _rows(question_attention_mask, rows), _rows(vqa_labels, rows)
+        )  # fmt: skip
+        pixel_values, bool_masked_pos = pixel_values[rows], _rows(bool_masked_pos, rows)
+        decoder_input_ids, decoder_attention_mask, captioning_labels = (
+            _rows(decoder_input_ids, rows), _rows(decoder_attention_mask, rows), _rows(captioning_labels, rows)
+        )  # fmt: skip
         if self.mlm_head is not None:
             if mlm_input_ids is None:
                 if special_tokens_mask is None:
                     special_ids = torch.tensor(
                         config.special_token_ids, device=input_ids.device, dtype=input_ids.dtype
                     )
-                    special_tokens_mask = torch.isin(input_ids, special_ids)
-                    if attention_mask is not None:
-                        special_tokens_mask |= attention_mask == 0
+                    special_tokens_mask = torch.isin(aux_ids, special_ids)
+                    if aux_mask is not None:
+                        special_tokens_mask |= aux_mask == 0
                 mlm_input_ids, mlm_labels = mask_tokens(
-                    input_ids,
+                    aux_ids,
                     special_tokens_mask.bool(),
                     config.mask_token_id,
                     config.text_config.vocab_size,
@@ -2877,9 +2897,9 @@ class XModalForPreTraining(XModalModel):
             elif mlm_labels is None:
                 raise ValueError("mlm_input_ids were given without mlm_labels (original ids at masked positions).")
             masked_text = self._encode_text(
-                mlm_input_ids, attention_mask, token_type_ids, check_values=not checked
+                mlm_input_ids, aux_mask, aux_types, check_values=not checked
             ).last_hidden_state
-            requests["mlm"] = (masked_text, attention_mask, batch_index)
+            requests["mlm"] = (masked_text, aux_mask, aux_index)
         if self.vqa_head is not None:
             if question_input_ids is None or vqa_labels is None:
                 raise ValueError(
@@ -2889,7 +2909,7 @@ class XModalForPreTraining(XModalModel):
             question = self._encode_text(
                 question_input_ids, question_attention_mask, check_values=not checked
             ).last_hidden_state
-            requests["vqa"] = (question, question_attention_mask, batch_index)
+            requests["vqa"] = (question, question_attention_mask, aux_index)
         fused = self._fuse_requests(images, requests)
         if self.itm_head is not None:
             outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output)
@@ -2908,12 +2928,14 @@ class XModalForPreTraining(XModalModel):
         if self.mim_decoder is not None:
             num_patches = image.shape[1] - 1
             if bool_masked_pos is None:
-                bool_masked_pos = random_patch_mask(image.shape[0], num_patches, config.mim_mask_ratio, image.device)
+                bool_masked_pos = random_patch_mask(
+                    aux_image.shape[0], num_patches, config.mim_mask_ratio, image.device
+                )
             masked_image = self._encode_image(
                 pixel_values, interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
             ).last_hidden_state
             if config.mim_source == "fused":
-                masked_image = self.fuse(masked_image, text, attention_mask).image_last_hidden_state
+                masked_image = self.fuse(masked_image, aux_text, aux_mask).image_last_hidden_state
             outputs["mim_logits"] = self.mim_decoder(masked_image, bool_masked_pos)
             losses["mim"] = masked_image_modeling_loss(
                 outputs["mim_logits"],
@@ -2924,12 +2946,12 @@ class XModalForPreTraining(XModalModel):
             )
         if self.text_decoder is not None:
             if decoder_input_ids is None:
-                decoder_input_ids, decoder_attention_mask = input_ids, attention_mask
+                decoder_input_ids, decoder_attention_mask = aux_ids, aux_mask
             if captioning_labels is None:
                 captioning_labels = decoder_input_ids
                 if decoder_attention_mask is not None:
                     captioning_labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, -100)
-            decoded = self.text_decoder(decoder_input_ids, image, decoder_attention_mask, check_values=not checked)
+            decoded = self.text_decoder(decoder_input_ids, aux_image, decoder_attention_mask, check_values=not checked)
             outputs["captioning_logits"] = self.lm_head(decoded)
             losses["captioning"] = causal_lm_loss(outputs["captioning_logits"], captioning_labels)
         total = sum(getattr(config, f"{name}_loss_weight") * value for name, value in losses.items())

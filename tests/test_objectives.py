@@ -570,6 +570,33 @@ def test_itm_through_model(tester):
     assert model.itm_head.weight.grad is not None and model.itm_head.weight.grad.abs().sum() > 0
 
 
+def test_auxiliary_batch_size_limits_the_generative_objectives_to_the_first_pairs(tester):
+    """MLM, MIM, captioning and VQA on the first `auxiliary_batch_size` pairs equal the same objectives run on those
+    pairs alone; the contrastive loss keeps the whole batch; every parameter still gets a gradient."""
+    weights = {f"{name}_loss_weight": 1.0 for name in ("itm", "mlm", "mim", "captioning", "vqa")}
+    inputs = tester.get_pretraining_inputs()
+    head = {key: value[:2] for key, value in inputs.items()}
+    torch.manual_seed(0)
+    full = XModalForPreTraining(tester.get_config(num_labels=5, **weights)).eval()  # eval: no dropout
+    limited = XModalForPreTraining(tester.get_config(num_labels=5, auxiliary_batch_size=2, **weights)).eval()
+    limited.load_state_dict(full.state_dict())
+    num_patches = (tester.image_size // tester.patch_size) ** 2
+    masks = {"bool_masked_pos": torch.rand(2, num_patches).argsort(dim=1) < num_patches // 2}
+    torch.manual_seed(1)
+    on_two = full(**head, **masks, return_loss=True)
+    torch.manual_seed(1)
+    out = limited(**inputs, bool_masked_pos=torch.cat([masks["bool_masked_pos"], masks["bool_masked_pos"][:1]]),
+                  return_loss=True)  # fmt: skip
+    assert out.captioning_logits.shape[0] == out.vqa_logits.shape[0] == out.mim_logits.shape[0] == 2
+    for name in ("captioning", "vqa", "mim"):
+        torch.testing.assert_close(getattr(out, f"{name}_loss"), getattr(on_two, f"{name}_loss"))
+    torch.testing.assert_close(out.contrastive_loss, full(**inputs, return_loss=True).contrastive_loss)
+    limited.train()(**inputs, return_loss=True).loss.backward()
+    assert not [name for name, parameter in limited.named_parameters() if parameter.grad is None]
+    with pytest.raises(ValueError, match="auxiliary_batch_size must be a positive integer"):
+        tester.get_config(auxiliary_batch_size=0)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 13: momentum encoders and queue
 # ------------------------------------------------------------------------------------------------------------------
