@@ -292,7 +292,8 @@ def _load_model(path: str) -> tuple[XModalModel, XModalProcessor]:
 
 
 def _pretrain(argv: list[str]) -> int:
-    from xmodal.training.pretrain import PretrainArguments, format_retrieval_table, pretrain
+    from xmodal.training.pretrain import PretrainArguments, pretrain
+    from xmodal.training.run_report import format_retrieval_table
 
     args = _parse(PretrainArguments, argv, "xmodal pretrain")
     metrics = pretrain(args)

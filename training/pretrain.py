@@ -39,9 +39,7 @@ from xmodal.training.augmentations import (
     HORIZONTAL_FLIP_MODES,
     ImageAugmentation,
     PairAugmentation,
-    TextAugmentation,
 )
-from xmodal.training.cards import RETRIEVAL_EXAMPLE_FILE, write_model_card
 from xmodal.training.checkpointing import (
     checkpoint_root,
     latest_checkpoint,
@@ -50,6 +48,11 @@ from xmodal.training.checkpointing import (
     remove_incomplete_checkpoints,
     save_best_model,
     save_checkpoint,
+)
+from xmodal.training.collate import (
+    ImageTextCollator,
+    second_view_image_augmentation,
+    second_view_text_augmentation,
 )
 from xmodal.training.data import (
     ANSWER_VOCAB,
@@ -61,7 +64,7 @@ from xmodal.training.data.pipeline import DataArguments, load_pretraining_data
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows, row_seed
 from xmodal.training.evaluation import EvaluationTask, evaluate_model, evaluation_task
 from xmodal.training.losses import LOSS_BALANCING, ContrastiveLoss, GlobalBatch, LossBalancer
-from xmodal.training.plots import plot_retrieval_example
+from xmodal.training.run_report import write_run_report
 from xmodal.training.schedule import BudgetedSchedule, parse_duration
 from xmodal.training.selection import ModelSelection
 
@@ -176,6 +179,13 @@ class PretrainArguments(DataArguments):
     contrastive_loss_type: str = field(default="nt_xent", metadata={"help": "nt_xent (InfoNCE) or siglip."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the InfoNCE loss."})
     queue_size: int = field(default=0, metadata={"help": "Momentum-queue negatives per positive (0: none)."})
+    auxiliary_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs of each batch that MLM, MIM, captioning and VQA see (the first ones; default: all); the "
+            "contrastive loss and ITM always see the whole batch."
+        },
+    )
     multiview: bool = field(
         default=False, metadata={"help": "Add a second, augmented view of each pair (multi-view contrastive)."}
     )
@@ -329,82 +339,6 @@ class PretrainArguments(DataArguments):
                 raise ValueError(f"--{name} must be non-negative, got {getattr(self, name)}.")
 
 
-class ImageTextCollator:
-    """Turns rows `{"image": PIL.Image, "text": str, ...}` into model inputs with the processor (runs in DataLoader
-    workers): `pixel_values` `(B, 3, H, W)`, `input_ids`/`attention_mask` `(B, L)`.
-
-    With `answer_vocab`, one of each row's `questions` is drawn (its answer from `answers`) and tokenized as
-    `question_input_ids`/`question_attention_mask` `(B, Lq)`, with `vqa_labels` `(B,)` indexing `answer_vocab`.
-    With `augmentation` (train time), each pair may be flipped (its caption, question and answer mirrored with it)
-    and each image is augmented. With `image_augmentation`/`text_augmentation`, a second view of each pair is added
-    as `second_view_*`, augmented from the (flipped, not otherwise augmented) image and the caption.
-    Random draws use torch's global RNG, which `SeededCollate` seeds from the batch's rows.
-    """
-
-    def __init__(
-        self,
-        processor: XModalProcessor,
-        max_length: int,
-        image_column: str = "image",
-        text_column: str = "text",
-        answer_vocab: list[str] | None = None,
-        augmentation: PairAugmentation | None = None,
-        image_augmentation: ImageAugmentation | None = None,
-        text_augmentation: TextAugmentation | None = None,
-    ) -> None:
-        self.processor = processor
-        self.max_length = max_length
-        self.image_column = image_column
-        self.text_column = text_column
-        self.answer_index = {answer: index for index, answer in enumerate(answer_vocab)} if answer_vocab else None
-        self.augmentation = augmentation
-        self.image_augmentation = image_augmentation
-        self.text_augmentation = text_augmentation
-
-    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.processor.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        )
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        augmentation = self.augmentation or PairAugmentation(horizontal_flip="off")
-        flips = augmentation.draw_flips(len(rows))
-        batch = dict(
-            self.processor(
-                images=[row[self.image_column] for row in rows],
-                text=augmentation.mirror_texts([row[self.text_column] for row in rows], flips),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-        )
-        if self.answer_index is not None:
-            questions, answers = [], []
-            for row in rows:
-                pick = int(torch.randint(len(row["questions"]), ()))
-                questions.append(row["questions"][pick])
-                answers.append(row["answers"][pick])
-            questions, answers = augmentation.mirror_texts(questions, flips), augmentation.mirror_texts(answers, flips)
-            for question, answer in zip(questions, answers):
-                if answer not in self.answer_index:
-                    raise ValueError(f"Answer {answer!r} (to {question!r}) is not in the answer vocabulary.")
-            question = self._tokenize(questions)
-            batch["question_input_ids"] = question["input_ids"]
-            batch["question_attention_mask"] = question["attention_mask"]
-            batch["vqa_labels"] = torch.tensor([self.answer_index[answer] for answer in answers])
-        flipped = augmentation.flip_images(batch["pixel_values"], flips)
-        batch["pixel_values"] = augmentation.image(flipped) if augmentation.image is not None else flipped
-        if self.image_augmentation is not None:
-            batch["second_view_pixel_values"] = self.image_augmentation(flipped)
-        if self.text_augmentation is not None:
-            ids, mask = self.text_augmentation(batch["input_ids"], batch["attention_mask"])
-            batch["second_view_input_ids"], batch["second_view_attention_mask"] = ids, mask
-        return batch
-
-
 def build_config(
     args: PretrainArguments, tokenizer: PreTrainedTokenizerBase, objectives: tuple[str, ...]
 ) -> XModalConfig:
@@ -430,23 +364,13 @@ def build_config(
         "contrastive_loss_type": args.contrastive_loss_type,
         "label_smoothing": args.label_smoothing,
         "queue_size": args.queue_size,
+        "auxiliary_batch_size": args.auxiliary_batch_size,
         "mask_token_id": tokenizer.mask_token_id,
         "special_token_ids": sorted(set(special_ids)),
     }
     if "vqa" in objectives:
         values["id2label"] = dict(enumerate(ANSWER_VOCAB))
     return XModalConfig.from_preset(args.preset, **values)
-
-
-def _image_augmentation(processor: XModalProcessor, config: XModalConfig) -> ImageAugmentation:
-    """The second view's augmentation (`--multiview`): mild, since the captions name positions."""
-    image_processor = processor.image_processor
-    return ImageAugmentation(
-        crop_scale=(0.8, 1.0),
-        patch_size=config.vision_config.patch_size,
-        image_mean=tuple(image_processor.image_mean),
-        image_std=tuple(image_processor.image_std),
-    )
 
 
 def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> PairAugmentation | None:
@@ -466,13 +390,6 @@ def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> P
         image_std=tuple(image_processor.image_std),
     )
     return PairAugmentation(image=image, horizontal_flip=args.horizontal_flip)
-
-
-def _text_augmentation(tokenizer: PreTrainedTokenizerBase) -> TextAugmentation:
-    special = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id)
-    return TextAugmentation(
-        mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id, special_token_ids=special
-    )
 
 
 def build_processor(tokenizer: PreTrainedTokenizerBase, config: XModalConfig) -> XModalProcessor:
@@ -784,8 +701,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         args.max_length,
         answer_vocab=ANSWER_VOCAB if "vqa" in objectives else None,
         augmentation=train_augmentation(args, processor),
-        image_augmentation=_image_augmentation(processor, config) if args.multiview else None,
-        text_augmentation=_text_augmentation(tokenizer) if args.multiview else None,
+        image_augmentation=second_view_image_augmentation(processor, config) if args.multiview else None,
+        text_augmentation=second_view_text_augmentation(tokenizer) if args.multiview else None,
     )
     loader = _train_loader(data.train, SkipBadRows(collator), args, accelerator.num_processes)
     # the objectives the model computes (a weight of 0 removes one) and how their losses are combined
@@ -843,9 +760,15 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         itm="itm" in weights,
     )
     selection = ModelSelection(args.eval_steps, args.metric_for_best_model, bool(args.greater_is_better))
-    # generating captions is the slow part of an evaluation: during training only when it is what selects
-    selecting_captions = (args.metric_for_best_model or "").removeprefix("eval_").startswith("captioning")
-    validation_task = replace(task, captioning=task.captioning and selecting_captions)
+    # validation (during training, inside the budget) computes retrieval and zero-shot, plus ITM, VQA or captioning
+    # (generation, the slowest) only when that is what selects the model
+    selecting = (args.metric_for_best_model or "").removeprefix("eval_")
+    validation_task = replace(
+        task,
+        captioning=task.captioning and selecting.startswith("captioning"),
+        itm=task.itm and selecting.startswith("itm"),
+        answer_vocab=task.answer_vocab if selecting.startswith("vqa") else None,
+    )
 
     def evaluate(model: XModalModel, dataset: Dataset, task: EvaluationTask) -> dict[str, Any]:
         return evaluate_model(
@@ -988,7 +911,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     state["train_seconds"] = seconds_before + time.perf_counter() - session_start
     if args.eval_steps and (not state["eval_history"] or state["eval_history"][-1]["step"] != state["step"]):
         validate(state["step"])  # the last model is a candidate too
-    if args.save_steps and state["step"] % args.save_steps:
+    # a time-budgeted run always ends with a checkpoint (its last step is not known in advance)
+    if (args.save_steps and state["step"] % args.save_steps) or (args.max_seconds is not None and not args.save_steps):
         save_checkpoint(
             accelerator, args.output_dir, state["step"], _json_state(state, bad_rows), args.save_total_limit
         )
@@ -1054,105 +978,8 @@ def _json_state(state: dict[str, Any], bad_rows: BadRowCounter) -> dict[str, Any
     return {**{key: value for key, value in state.items() if key != "step"}, **counts}
 
 
-def write_run_report(
-    model: XModalModel,
-    processor: XModalProcessor,
-    args: PretrainArguments,
-    metrics: dict[str, Any],
-    evaluation: Dataset,
-) -> None:
-    """Completes the Hub-ready folder (which already holds the weights, config, processor files and remote-code
-    bundle): metrics.json, the loss curve, a retrieval example picture (top 5 images for the first evaluation
-    caption) and the model card."""
-    with open(os.path.join(args.output_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump({"arguments": public_arguments(args), **_public_metrics(metrics, args)}, handle, indent=2)
-    plot_retrieval_example(
-        model,
-        processor,
-        evaluation,
-        os.path.join(args.output_dir, RETRIEVAL_EXAMPLE_FILE),
-        batch_size=args.eval_batch_size,
-        max_length=args.max_length,
-        show_progress=False,
-    )
-    synthetic = args.dataset == "synthetic"
-    if synthetic:
-        dataset_name, dataset_type = "the xmodal procedural scenes (embedded)", "synthetic"
-    elif os.path.exists(args.dataset):
-        # local data is named by its base name: the card goes public, the local path means nothing there
-        dataset_name, dataset_type = os.path.basename(os.path.normpath(args.dataset)), "local"
-    else:
-        dataset_name = dataset_type = args.dataset
-    write_model_card(
-        args.output_dir,
-        model.config,
-        metrics,
-        dataset_name=dataset_name,
-        dataset_type=dataset_type,
-        base_model=_base_model(args.text_tower),
-        training_arguments=public_arguments(args),
-        num_parameters=model.num_parameters(),
-    )
-
-
-_PATH_OPTIONS = ("output_dir", "dataset", "tokenizer", "text_tower")
-
-
-def public_arguments(args: PretrainArguments) -> dict[str, Any]:
-    """The run's options for files that get published (metrics.json, the card): local paths are reduced to their
-    base names, so that a pushed folder does not reveal the machine's directory layout."""
-    values = asdict(args)
-    for name in _PATH_OPTIONS:
-        if values[name] and os.path.exists(values[name]):
-            values[name] = os.path.basename(os.path.normpath(values[name]))
-    return values
-
-
-def _public_metrics(metrics: dict[str, Any], args: PretrainArguments) -> dict[str, Any]:
-    """`metrics` with the dataset's local folder taken out of the bad-row descriptions."""
-    if not os.path.exists(args.dataset):
-        return metrics
-    root = os.path.dirname(os.path.abspath(args.dataset)) + os.sep
-    examples = [example.replace(root, "") for example in metrics.get("bad_row_examples", [])]
-    return {**metrics, "bad_row_examples": examples}
-
-
-def _base_model(text_tower: str | None) -> str | None:
-    """The Hub id of the pretrained text tower, for the card's `base_model` (None for a local folder)."""
-    if text_tower == "minilm":
-        return "sentence-transformers/all-MiniLM-L6-v2"
-    return text_tower if text_tower and not os.path.exists(text_tower) else None
-
-
-def format_retrieval_table(metrics: dict[str, Any]) -> str:
-    """Markdown tables of the test figures in `metrics`: Recall@K both ways, then zero-shot, VQA and captioning."""
-    lines = ["| direction | R@1 | R@5 | R@10 |", "|---|---|---|---|"]
-    for direction in ("text_to_image", "image_to_text"):
-        cells = [f"{100 * metrics[f'test_{direction}_R@{k}']:.1f}" for k in (1, 5, 10)]
-        lines.append(f"| {direction.replace('_', ' ')} | " + " | ".join(cells) + " |")
-    chance = metrics["test_chance_R@1"]
-    lines.append(f"\nChance level: R@1 = {100 * chance:.1f}%, R@10 = {100 * min(1.0, 10 * chance):.1f}%.")
-    others = [
-        (label, metrics[f"test_{key}"])
-        for key, label in (
-            ("zero_shot_top1", "zero-shot top-1 (%)"),
-            ("zero_shot_top5", "zero-shot top-5 (%)"),
-            ("vqa_accuracy", "VQA accuracy (%)"),
-            ("captioning_bleu4", "captioning BLEU-4 (%)"),
-            ("captioning_cider", "captioning CIDEr (x100)"),
-        )
-        if f"test_{key}" in metrics
-    ]
-    if others:
-        lines += ["", "| metric | value |", "|---|---|"] + [
-            f"| {label} | {100 * value:.1f} |" for label, value in others
-        ]
-    return "\n".join(lines)
-
-
 __all__ = [
     "OBJECTIVES",
-    "ImageTextCollator",
     "PretrainArguments",
     "build_accelerator",
     "build_config",
@@ -1160,10 +987,7 @@ __all__ = [
     "lock_towers",
     "resolve_text_tower",
     "build_processor",
-    "format_retrieval_table",
     "optimizer_param_groups",
     "parse_objectives",
     "pretrain",
-    "public_arguments",
-    "write_run_report",
 ]
