@@ -151,7 +151,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"{results['min_seconds']:g} s of timed runs) after {results['warmup']} warm-up, the calls "
         "alternating in one process; a ratio is the median of the per-round ratios, with their range. "
         + (
-            "xmodal's text tower skips the padding; \"padding computed\" is the same tower computing it, as "
+            'xmodal\'s text tower skips the padding; "padding computed" is the same tower computing it, as '
             "CLIPModel does."
             if results["device"] == "cpu"
             else "On a GPU xmodal's text tower keeps the padding by default: both text rows run the same code."

@@ -75,9 +75,7 @@ def gemm_flops(
     return 2 * size**3 / statistics.median(times)
 
 
-def gemm_peak_flops(
-    size: int = 2048, device: torch.device | None = None, dtype: torch.dtype = torch.float32
-) -> float:
+def gemm_peak_flops(size: int = 2048, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> float:
     """The best of `gemm_flops` at `size // 2`, `size` and `2 * size`."""
     return max(gemm_flops(each, device=device, dtype=dtype) for each in (size // 2, size, 2 * size))
 
@@ -149,8 +147,16 @@ def profile_table(step: Callable[[], None], rows: int = 25) -> str:
 
 
 def bench_preset(
-    preset: str, batch_size: int, text_length: int, repeats: int, warmup: int, compile: bool, profile: bool,
-    smoke: bool, device: torch.device, dtype: torch.dtype | None,
+    preset: str,
+    batch_size: int,
+    text_length: int,
+    repeats: int,
+    warmup: int,
+    compile: bool,
+    profile: bool,
+    smoke: bool,
+    device: torch.device,
+    dtype: torch.dtype | None,
 ) -> dict[str, Any]:
     """Times the training steps of one preset; returns seconds per step (all runs), pairs/s and FLOPs."""
     torch.manual_seed(0)
@@ -223,35 +229,39 @@ def markdown(payload: dict[str, Any]) -> str:
     for result in payload["results"]:
         for name, variant in result["variants"].items():
             speedup, speedup_eager = variant.get("speedup_vs_clip"), variant.get("speedup_vs_clip_eager")
-            rows.append([
-                result["preset"],
-                name,
-                f"{variant['median_seconds']:.3f}",
-                f"{variant['pairs_per_second']:.1f}",
-                f"{variant['gflop_per_step']:.1f}",
-                f"{variant['mfu']:.2f}",
-                ratio_cell(speedup) if speedup else "",
-                ratio_cell(speedup_eager, bold=False) if speedup_eager else "",
-            ])
+            rows.append(
+                [
+                    result["preset"],
+                    name,
+                    f"{variant['median_seconds']:.3f}",
+                    f"{variant['pairs_per_second']:.1f}",
+                    f"{variant['gflop_per_step']:.1f}",
+                    f"{variant['mfu']:.2f}",
+                    ratio_cell(speedup) if speedup else "",
+                    ratio_cell(speedup_eager, bold=False) if speedup_eager else "",
+                ]
+            )
     header = ["preset", "model", "s/step", "pairs/s", "GFLOP/step", "MFU", "vs CLIP, same mode", "vs CLIP eager"]
     first = payload["results"][0]
-    return "\n".join([
-        "## Contrastive training step vs CLIPModel (`bench/train_step.py`)",
-        "",
-        machine_line(payload["machine"]) + f" Device: {payload['device']}. Measured GEMM peak: "
-        f"{payload['peak_gflops']:.1f} GFLOP/s ({payload['precision']}, the best median of 7 square GEMMs of "
-        f"{payload['gemm_size'] // 2}, {payload['gemm_size']} and {2 * payload['gemm_size']}, the higher of "
-        f"{payload['peak_gflops_before']:.1f} before and {payload['peak_gflops_after']:.1f} after the steps).",
-        f"Batch {first['batch_size']} pairs, captions of 8 to {first['text_length']} tokens padded to "
-        f"{first['text_length']}, {payload['precision']}, fused AdamW for "
-        f"both, median of {payload['repeats']} steps after {payload['warmup']} warm-up steps, models alternating; a "
-        "ratio is the median of the per-round ratios (one step of each model per round), with their range. "
-        + PADDING_NOTE[payload["device"] == "cpu"],
-        "",
-        markdown_table(header, rows),
-        "",
-        f"`{payload['command']}`",
-    ])
+    return "\n".join(
+        [
+            "## Contrastive training step vs CLIPModel (`bench/train_step.py`)",
+            "",
+            machine_line(payload["machine"]) + f" Device: {payload['device']}. Measured GEMM peak: "
+            f"{payload['peak_gflops']:.1f} GFLOP/s ({payload['precision']}, the best median of 7 square GEMMs of "
+            f"{payload['gemm_size'] // 2}, {payload['gemm_size']} and {2 * payload['gemm_size']}, the higher of "
+            f"{payload['peak_gflops_before']:.1f} before and {payload['peak_gflops_after']:.1f} after the steps).",
+            f"Batch {first['batch_size']} pairs, captions of 8 to {first['text_length']} tokens padded to "
+            f"{first['text_length']}, {payload['precision']}, fused AdamW for "
+            f"both, median of {payload['repeats']} steps after {payload['warmup']} warm-up steps, models alternating; a "
+            "ratio is the median of the per-round ratios (one step of each model per round), with their range. "
+            + PADDING_NOTE[payload["device"] == "cpu"],
+            "",
+            markdown_table(header, rows),
+            "",
+            f"`{payload['command']}`",
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -279,8 +289,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     peak = gemm_peak_flops(args.gemm_size, device=device, dtype=dtype or torch.float32)
     results = [
         bench_preset(
-            preset, args.batch_size, args.text_length, args.repeats, args.warmup, args.compile, args.profile,
-            args.smoke, device, dtype,
+            preset,
+            args.batch_size,
+            args.text_length,
+            args.repeats,
+            args.warmup,
+            args.compile,
+            args.profile,
+            args.smoke,
+            device,
+            dtype,
         )
         for preset in args.presets
     ]
