@@ -16,7 +16,9 @@ DEMO_TOKENIZER = ROOT / "training" / "assets" / "demo-tokenizer"
 def test_make_demo_loads_the_committed_tokenizer() -> None:
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     demo = re.search(r"^demo:.*?(?=^\S)", makefile, flags=re.S | re.M)
-    assert demo is not None and "--tokenizer training/assets/demo-tokenizer" in demo.group(0)
+    recipe = re.search(r"^DEMO_RECIPE =.*?(?=^\S)", makefile, flags=re.S | re.M)
+    assert demo is not None and "$(DEMO_RECIPE)" in demo.group(0)
+    assert recipe is not None and "--tokenizer training/assets/demo-tokenizer" in recipe.group(0)
 
 
 def test_the_demo_tokenizer_covers_the_embedded_data() -> None:

@@ -82,7 +82,7 @@ def _scalar_fields(saved: Path) -> list[tuple[str | None, str]]:
     return fields
 
 
-# the only (field, type of value) pairs among the wrong values below that are legal: optional ids, the default dtype
+# the only (field, type of value) pairs among the wrong values below that are legal: optional ids and sizes, the default dtype
 # and unbounded floats
 LEGAL = {
     ("text_config", "pad_token_id", type(None)),
@@ -90,6 +90,7 @@ LEGAL = {
     ("decoder_config", "bos_token_id", type(None)),
     ("decoder_config", "eos_token_id", type(None)),
     (None, "special_token_ids", type(None)),
+    (None, "auxiliary_batch_size", type(None)),
     (None, "dtype", type(None)),
     (None, "logit_bias_init_value", int),
     (None, "logit_scale_init_value", int),

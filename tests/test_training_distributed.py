@@ -26,6 +26,11 @@ RUN = {
     "max_steps": 6,
     "warmup_steps": 1,
     "learning_rate": 1e-3,
+    # Known gap (issue 16): the augmentation and caption draws are seeded per collated batch, and each process
+    # collates its own half, so with them on two processes draw differently from one; this test checks the
+    # distributed loss and gradients on the deterministic inputs.
+    "augment": False,
+    "text_column": "text",
     "config_overrides": json.dumps(
         {
             "vision_config": {"num_hidden_layers": 1, "image_size": 32},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from xmodal.training import (
     pretrain,
     train_augmentation,
 )
+from xmodal.training.checkpointing import list_checkpoints
 from xmodal.training.data import caption_corpus, make_synthetic_dataset
 from xmodal.training.evaluation import _EvalCollator, _in_batch_negatives
 
@@ -248,8 +250,7 @@ def test_max_time_stops_within_one_step_saves_and_keeps_the_best_model(tmp_path)
     step_time = seconds / steps
     assert seconds <= 12.0 + step_time and seconds > 12.0 - 3 * step_time, (seconds, step_time)
     out = tmp_path / "run"
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("checkpoint"))
-    assert checkpoints == [f"checkpoint-{steps}"], checkpoints
+    assert [os.path.basename(path) for path in list_checkpoints(str(out))] == [f"step-{steps:06d}"]
     history = metrics["eval_history"]
     assert len(history) >= 4 and history[-1]["step"] == steps
     best = max(history, key=lambda record: record["mean_recall"])  # the first of equal values, as selection keeps
