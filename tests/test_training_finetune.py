@@ -370,7 +370,9 @@ def test_caption_task_run_learns_and_saves_a_folder_that_reproduces_its_metrics(
         torch.testing.assert_close(model.cross_model.state_dict(), base.cross_model.state_dict(), rtol=0, atol=0)
         recomputed = evaluate_model(model, processor, held_out, batch_size=8, show_progress=False)
         assert {f"eval_{key}": value for key, value in recomputed.items()} == {
-            key: value for key, value in metrics.items() if key.startswith(("eval_text", "eval_image", "eval_mean_recall"))
+            key: value
+            for key, value in metrics.items()
+            if key.startswith(("eval_text", "eval_image", "eval_mean_recall"))
         }
     else:
         assert 0.0 <= metrics["eval_bleu4"] <= 1.0 and metrics["eval_cider"] >= 0.0
