@@ -385,6 +385,9 @@ class XModalConfig(PreTrainedConfig):
         itm_sampling (`str`): `"half"` (default) fuses B pairs per batch, half of them replaced by hard negatives
             (the UNITER/ViLT budget, balanced classes); `"all"` fuses 3B pairs: every positive, a negative image per
             text and a negative text per image (ALBEF), three times the ITM compute (see bench/multitask_cost.py).
+        itm_contrastive_prior (`float`): initial weight of the pair's contrastive logit (exp(logit_scale) x cosine,
+            detached) added to the ITM match logit, so that matching starts from the dual encoder's ranking and the
+            fusion module learns what it misses; learned from there. 0 gives ALBEF's plain head on the fused [CLS].
         auxiliary_batch_size (`int`, *optional*): MLM, MIM, captioning and VQA see only the first this many pairs
             of each batch (their cost grows with the pairs they see), while the contrastive loss and ITM keep every
             pair and its negatives; None (default): every pair.
@@ -446,6 +449,7 @@ class XModalConfig(PreTrainedConfig):
     multiview_loss_weight: float = 1.0
     itm_hard_negatives: bool = True
     itm_sampling: str = "half"
+    itm_contrastive_prior: float = 1.0
     itm_rerank_top_k: int = 16
     auxiliary_batch_size: int | None = None
     mlm_probability: float = 0.15
@@ -521,7 +525,7 @@ class XModalConfig(PreTrainedConfig):
             )
         _check_probability(self, "label_smoothing", "mlm_probability")
         _check_number(self, "logit_bias_init_value")
-        _check_number(self, "initializer_range", non_negative=True)
+        _check_number(self, "initializer_range", "itm_contrastive_prior", non_negative=True)
         _check_bool(self, "save_queue", "itm_hard_negatives", "mim_norm_pix_loss", "tie_word_embeddings")
         if not isinstance(self.special_token_ids, list) or not all(
             isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in self.special_token_ids

@@ -1292,6 +1292,35 @@ class XModalMLMHead(nn.Module):
         return self.decoder(self.layer_norm(self.activation_fn(self.dense(hidden_states))))
 
 
+class XModalITMHead(nn.Linear):
+    """Image-text matching logits `(N, 2)` (index 1 = match) from the fused [CLS] states `(N, cross_hidden)`.
+
+    With `config.itm_contrastive_prior > 0` the match logit also gets `prior_weight` x the pair's contrastive logit
+    `(N,)` (exp(logit_scale) x cosine similarity, detached, so matching never pulls the embeddings): the head starts
+    from the dual encoder's ranking and the fusion module learns the residual, what the dual encoder misses. Without
+    it, a fusion module trained from scratch stays at chance on hard negatives for hundreds of steps (ALBEF starts
+    from pretrained towers). `prior_weight` is learned, initialised at `config.itm_contrastive_prior`.
+    """
+
+    def __init__(self, config: XModalConfig) -> None:
+        super().__init__(config.cross_config.hidden_size, 2)
+        prior = float(config.itm_contrastive_prior)
+        self.prior_weight = nn.Parameter(torch.tensor(prior)) if prior > 0 else None
+
+    def forward(self, pooled: torch.Tensor, contrastive_logits: torch.Tensor | None = None) -> torch.Tensor:
+        logits = super().forward(pooled)
+        if self.prior_weight is None:
+            return logits
+        if contrastive_logits is None or contrastive_logits.shape != logits.shape[:1]:
+            raise ValueError(
+                f"This ITM head adds each pair's contrastive logit (config.itm_contrastive_prior > 0): pass "
+                f"contrastive_logits of shape ({logits.shape[0]},), got "
+                f"{None if contrastive_logits is None else tuple(contrastive_logits.shape)}."
+            )
+        prior = self.prior_weight * contrastive_logits.detach().to(logits.dtype)
+        return logits + F.pad(prior[:, None], (1, 0))
+
+
 class XModalVQAHead(nn.Module):
     """ViLT's VQA classifier on the fused [CLS]: `(B, cross_hidden)` -> `(B, num_labels)` answer logits."""
 
@@ -1604,6 +1633,8 @@ class XModalPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
         elif isinstance(module, XModalMLMHead):
             init.zeros_(module.decoder.bias)
+        elif isinstance(module, XModalITMHead) and module.prior_weight is not None:
+            init.constant_(module.prior_weight, self.config.itm_contrastive_prior)
         elif isinstance(module, XModalMomentumEncoder):
             for queue in (module.image_queue, module.text_queue):
                 init.copy_(queue, F.normalize(torch.randn(queue.shape), dim=-1))
@@ -1901,6 +1932,21 @@ class XModalModel(XModalPreTrainedModel):
         logits = self.clamped_logit_scale() * text_embeds @ image_embeds.t()
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
+    def _embeds(
+        self, image_hidden_states: torch.Tensor, text_hidden_states: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised projected embeddings `(B, projection_dim)` of the towers' outputs."""
+        config = self.config
+        image = _pool(image_hidden_states, config.vision_pooling, is_image=True)
+        text = _pool(text_hidden_states, config.text_pooling, attention_mask)
+        return F.normalize(self.visual_projection(image), dim=-1), F.normalize(self.text_projection(text), dim=-1)
+
+    def pair_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """The contrastive logit `(N,)` of image i with text i, from L2-normalised `(N, projection_dim)` embeddings:
+        the diagonal of `logits` without the `(N, N)` matrix."""
+        logits = self.clamped_logit_scale() * (text_embeds * image_embeds).sum(dim=-1)
+        return logits + self.logit_bias if self.logit_bias is not None else logits
+
     def contrastive_objective(self, logits_per_text: torch.Tensor) -> torch.Tensor:
         """The configured contrastive loss of a square `(batch_size, batch_size)` logits matrix: InfoNCE with label
         smoothing, or the SigLIP sigmoid loss."""
@@ -2125,7 +2171,7 @@ def _itm_inputs(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     global_batch: BatchGatherer,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The image-text matching pairs of this process's B texts and images, with negatives sampled by `_itm_pairs` from
     the global batch of M = N x B pairs (M = B on one process):
 
@@ -2133,9 +2179,9 @@ def _itm_inputs(
     - `"half"` (the UNITER/ViLT budget): B pairs, each kept with probability 1/2, else given a negative image or a
       negative text (1/4 each); a pair with no possible negative stays positive.
 
-    Returns `(texts (n, L, D), attention_mask (n, L), image_index (n,), labels (n,))`, n = 3B or B, with `image_index`
-    into the global batch's images; labels are 1 for a match, 0 for a negative, -100 for a negative that could not be
-    drawn."""
+    Returns `(texts (n, L, D), attention_mask (n, L), image_index (n,), labels (n,), contrastive_logits (n,))`,
+    n = 3B or B, with `image_index` into the global batch's images; labels are 1 for a match, 0 for a negative, -100
+    for a negative that could not be drawn; `contrastive_logits` are each pair's (detached), for `XModalITMHead`."""
     batch_size = input_ids.shape[0]
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -2143,8 +2189,12 @@ def _itm_inputs(
     with torch.no_grad():
         all_keys = global_batch.gather(_caption_keys(input_ids, attention_mask))
         allowed = all_keys[None, :] != _caption_keys(input_ids, attention_mask)[:, None]  # (B, M)
-        text_to_image = model.logits(global_batch.gather(image_embeds.detach()), text_embeds)
-        image_to_text = model.logits(image_embeds, global_batch.gather(text_embeds.detach())).t()
+        all_image_embeds, all_text_embeds = (
+            global_batch.gather(image_embeds.detach()),
+            global_batch.gather(text_embeds.detach()),
+        )
+        text_to_image = model.logits(all_image_embeds, text_embeds)
+        image_to_text = model.logits(image_embeds, all_text_embeds).t()
     all_texts, all_masks = global_batch.gather(text_hidden_states), global_batch.gather(attention_mask)
     neg_image, neg_text, has_negative = _itm_pairs(
         text_to_image, image_to_text, allowed, model.config.itm_hard_negatives
@@ -2158,11 +2208,13 @@ def _itm_inputs(
             image_index = torch.where(swap_image, neg_image, index)
             text_index = torch.where(swap_text, neg_text, index)
             labels = torch.where(swap_image | swap_text, torch.zeros_like(ones), ones)
-        return all_texts[text_index], all_masks[text_index], image_index, labels
-    texts = all_texts[torch.cat([index, index, neg_text])]
-    masks = all_masks[torch.cat([index, index, neg_text])]
-    negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
-    return texts, masks, torch.cat([index, neg_image, index]), torch.cat([ones, negative, negative])
+    else:
+        text_index, image_index = torch.cat([index, index, neg_text]), torch.cat([index, neg_image, index])
+        negative = torch.where(has_negative, torch.zeros_like(ones), torch.full_like(ones, -100))
+        labels = torch.cat([ones, negative, negative])
+    with torch.no_grad():
+        prior = model.pair_logits(all_image_embeds[image_index], all_text_embeds[text_index])
+    return all_texts[text_index], all_masks[text_index], image_index, labels, prior
 
 
 def _itm_loss(
@@ -2176,11 +2228,12 @@ def _itm_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Image-text matching (ALBEF) from tower outputs `(B, L, D)` and embeddings `(B, projection_dim)`. Returns
     `(loss, itm_logits (N, 2))`, N = B or 3B (`config.itm_sampling`)."""
-    texts, masks, image_index, labels = _itm_inputs(
+    texts, masks, image_index, labels, prior = _itm_inputs(
         model, text_hidden_states, attention_mask, input_ids, image_embeds, text_embeds, _LocalBatch()
     )
     # the indices are built here: the fusion module directly, without `fuse`'s check (a device sync)
-    itm_logits = model.itm_head(model.cross_model(image_hidden_states, texts, masks, image_index).pooler_output)
+    fused = model.cross_model(image_hidden_states, texts, masks, image_index).pooler_output
+    itm_logits = model.itm_head(fused, prior)
     return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
 
 
@@ -2191,7 +2244,7 @@ class XModalForImageTextRetrieval(XModalModel):
     def _init_head(self) -> None:
         if self.config.cross_config.num_hidden_layers == 0:
             raise ValueError("Image-text matching needs a fusion module (cross_config.num_hidden_layers > 0).")
-        self.itm_head = nn.Linear(self.config.cross_config.hidden_size, 2)
+        self.itm_head = XModalITMHead(self.config)
 
     @torch.no_grad()
     def _rerank(
@@ -2204,19 +2257,19 @@ class XModalForImageTextRetrieval(XModalModel):
     ) -> torch.Tensor:
         num_texts, num_images = logits_per_text.shape
         top_k = min(top_k, num_images)
-        candidates = logits_per_text.topk(top_k, dim=1).indices  # (T, k)
+        candidates = logits_per_text.topk(top_k, dim=1)  # (T, k)
         if attention_mask is None:
-            attention_mask = torch.ones(text_hidden_states.shape[:2], dtype=torch.long, device=candidates.device)
+            attention_mask = torch.ones(text_hidden_states.shape[:2], dtype=torch.long, device=logits_per_text.device)
         fused = self.fuse(
             image_hidden_states,
             text_hidden_states.repeat_interleave(top_k, dim=0),
             attention_mask.repeat_interleave(top_k, dim=0),
-            image_index=candidates.reshape(-1),
+            image_index=candidates.indices.reshape(-1),
         ).pooler_output
-        itm = self.itm_head(fused).float()
+        itm = self.itm_head(fused, candidates.values.reshape(-1)).float()
         log_odds = (itm[:, 1] - itm[:, 0]).reshape(num_texts, top_k)
         scores = torch.full((num_texts, num_images), float("-inf"), device=log_odds.device)
-        return scores.scatter(1, candidates, log_odds)
+        return scores.scatter(1, candidates.indices, log_odds)
 
     @torch.no_grad()
     def score_pairs(
@@ -2228,8 +2281,10 @@ class XModalForImageTextRetrieval(XModalModel):
         interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
         """ITM logits `(batch_size, 2)` (index 1 = match) of image i with text i."""
-        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
-        return self.itm_head(fused.pooler_output)
+        image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+        text = self._encode_text(input_ids, attention_mask, token_type_ids).last_hidden_state
+        fused = self.fuse(image, text, attention_mask).pooler_output
+        return self.itm_head(fused, self.pair_logits(*self._embeds(image, text, attention_mask)))
 
     @can_return_tuple
     def forward(
@@ -2257,12 +2312,7 @@ class XModalForImageTextRetrieval(XModalModel):
         """
         image = self._encode_image(pixel_values, interpolate_pos_encoding)
         text = self._encode_text(input_ids, attention_mask, token_type_ids)
-        image_embeds = F.normalize(
-            self.visual_projection(_pool(image.last_hidden_state, self.config.vision_pooling, is_image=True)), dim=-1
-        )
-        text_embeds = F.normalize(
-            self.text_projection(_pool(text.last_hidden_state, self.config.text_pooling, attention_mask)), dim=-1
-        )
+        image_embeds, text_embeds = self._embeds(image.last_hidden_state, text.last_hidden_state, attention_mask)
         logits_per_text = self.logits(image_embeds, text_embeds)
         loss = itm_logits = itm_scores = None
         if return_loss:
@@ -2567,7 +2617,7 @@ class XModalForPreTraining(XModalModel):
                 f"The objectives {needs_fusion} need a fusion module (cross_config.num_hidden_layers > 0); set their "
                 "*_loss_weight to 0 for a dual encoder."
             )
-        self.itm_head = nn.Linear(config.cross_config.hidden_size, 2) if config.itm_loss_weight > 0 else None
+        self.itm_head = XModalITMHead(config) if config.itm_loss_weight > 0 else None
         self.mlm_head = None
         if config.mlm_loss_weight > 0:
             _require_stream(config, "text", "Masked language modelling")
@@ -2816,8 +2866,7 @@ class XModalForPreTraining(XModalModel):
         )  # fmt: skip
         image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
         text = self._encode_text(input_ids, attention_mask, token_type_ids, check_values=not checked).last_hidden_state
-        image_embeds = F.normalize(self.visual_projection(_pool(image, config.vision_pooling, is_image=True)), dim=-1)
-        text_embeds = F.normalize(self.text_projection(_pool(text, config.text_pooling, attention_mask)), dim=-1)
+        image_embeds, text_embeds = self._embeds(image, text, attention_mask)
         logits_per_text = self.logits(image_embeds, text_embeds)
         outputs: dict[str, torch.Tensor] = {
             "logits_per_image": logits_per_text.t(),
@@ -2859,7 +2908,7 @@ class XModalForPreTraining(XModalModel):
         images, batch_index = image, torch.arange(input_ids.shape[0], device=input_ids.device)
         if self.itm_head is not None:
             images, batch_index = global_batch.gather(image), batch_index + global_batch.rank * input_ids.shape[0]
-            itm_texts, itm_masks, itm_index, itm_labels = _itm_inputs(
+            itm_texts, itm_masks, itm_index, itm_labels, itm_prior = _itm_inputs(
                 self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch
             )
             requests["itm"] = (itm_texts, itm_masks, itm_index)
@@ -2912,7 +2961,7 @@ class XModalForPreTraining(XModalModel):
             requests["vqa"] = (question, question_attention_mask, aux_index)
         fused = self._fuse_requests(images, requests)
         if self.itm_head is not None:
-            outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output)
+            outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output, itm_prior)
             losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)
         if self.mlm_head is not None:
             # the vocabulary projection only where there is a target; the targets' positions are the one host read

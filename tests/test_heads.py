@@ -401,6 +401,7 @@ def test_pretraining_loads_from_a_base_model_checkpoint(tester, tmp_path):
         model.lm_head.weight,
     ):
         assert torch.isfinite(weight).all() and 0.0 < weight.std().item() < 0.1
+    assert model.itm_head.prior_weight.item() == model.config.itm_contrastive_prior
     out = model(**head_inputs(XModalForPreTraining, tester, with_labels=True))
     assert torch.isfinite(out.loss)
 
@@ -788,6 +789,43 @@ def test_retrieval_rerank(tester, num_images, top_k):
         ).itm_scores_per_text
         is None
     )
+
+
+def test_itm_head_adds_the_detached_contrastive_prior(tester, tmp_path):
+    """The match logit is the fused [CLS]'s plus prior_weight x the pair's contrastive logit, which gets no gradient
+    (matching never pulls the embeddings); itm_contrastive_prior=0 is ALBEF's plain linear head. A checkpoint saved
+    before the prior existed (no prior_weight, no config field) loads with the prior at its default weight."""
+    import json
+
+    import torch.nn.functional as F
+
+    from xmodal.modeling_xmodal import XModalITMHead
+
+    config = tester.get_config(itm_contrastive_prior=2.0)
+    head = XModalITMHead(config)
+    pooled = torch.randn(5, config.cross_config.hidden_size)
+    contrastive = torch.randn(5, requires_grad=True)
+    logits = head(pooled, contrastive)
+    plain = F.linear(pooled, head.weight, head.bias)
+    torch.testing.assert_close(logits, plain + torch.stack([torch.zeros(5), 2.0 * contrastive], dim=1))
+    logits[:, 1].sum().backward()
+    assert contrastive.grad is None and head.prior_weight.grad is not None
+    with pytest.raises(ValueError, match=r"contrastive_logits of shape \(5,\), got None"):
+        head(pooled)
+    with pytest.raises(ValueError, match=r"got \(4,\)"):
+        head(pooled, contrastive[:4])
+    ablated = XModalITMHead(tester.get_config(itm_contrastive_prior=0.0))
+    assert ablated.prior_weight is None and set(ablated.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(ablated(pooled), F.linear(pooled, ablated.weight, ablated.bias))
+
+    old = build_head(tester, XModalForImageTextRetrieval, itm_contrastive_prior=0.0)
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["itm_contrastive_prior"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model = XModalForImageTextRetrieval.from_pretrained(tmp_path)
+    assert model.itm_head.prior_weight.item() == 1.0
+    assert torch.equal(model.itm_head.weight, old.itm_head.weight)
 
 
 @pytest.mark.parametrize("direction", ["text_to_image", "both"])

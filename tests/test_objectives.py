@@ -781,7 +781,7 @@ def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
     text = torch.randn(batch, length, 8)
     embeds = F.normalize(torch.randn(batch, config.projection_dim), dim=-1)
     torch.manual_seed(0)
-    texts, masks, image_index, labels = _itm_inputs(model, text, None, input_ids, embeds, embeds, _LocalBatch())
+    texts, masks, image_index, labels, prior = _itm_inputs(model, text, None, input_ids, embeds, embeds, _LocalBatch())
     assert texts.shape == (batch, length, 8) and masks.shape == (batch, length) and labels.shape == (batch,)
     positives = labels == 1
     assert 0.3 < float(positives.float().mean()) < 0.7
@@ -793,9 +793,14 @@ def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
         swapped_image = int(image_index[row]) != row
         swapped_text = not torch.equal(texts[row], text[row])
         assert swapped_image != swapped_text, row
+    # each pair's contrastive prior (for the ITM head) is the logit of the very pair it fuses
+    text_index = torch.tensor(
+        [next(j for j in rows.tolist() if torch.equal(texts[r], text[j])) for r in rows.tolist()]
+    )
+    torch.testing.assert_close(prior, model.pair_logits(embeds[image_index], embeds[text_index]).detach())
     # identical captions: no negative can be drawn, so every pair stays positive
     same = torch.ones(4, length, dtype=torch.long)
-    _, _, image_index, labels = _itm_inputs(
+    _, _, image_index, labels, _ = _itm_inputs(
         model, torch.randn(4, length, 8), None, same, embeds[:4], embeds[:4], _LocalBatch()
     )
     assert labels.tolist() == [1, 1, 1, 1] and image_index.tolist() == [0, 1, 2, 3]

@@ -126,7 +126,7 @@ def _global_batch_worker(rank: int, port: int, out_dir: str) -> None:
         model = _ItmModel(config)
         input_ids = torch.tensor([[2, 10 + rank, 3]] * 2)
         embeds = F.normalize(torch.randn(2, 8), dim=-1)
-        texts, masks, image_index, labels = _itm_inputs(
+        texts, masks, image_index, labels, _ = _itm_inputs(
             model, torch.randn(2, 3, 8), torch.ones_like(input_ids), input_ids, embeds, embeds, batch
         )
         torch.save(
@@ -144,7 +144,7 @@ def _itm_config():
 
 
 class _ItmModel(torch.nn.Module):
-    """The parts of a model `_itm_inputs` reads: its config and the similarity logits."""
+    """The parts of a model `_itm_inputs` reads: its config and the similarity logits (matrix and per pair)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -152,6 +152,9 @@ class _ItmModel(torch.nn.Module):
 
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         return 10.0 * text_embeds @ image_embeds.t()
+
+    def pair_logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        return 10.0 * (text_embeds * image_embeds).sum(dim=-1)
 
 
 def test_global_batch_gathers_padded_tensors_and_itm_draws_negatives_from_other_processes(tmp_path):
