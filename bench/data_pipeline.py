@@ -55,7 +55,7 @@ from xmodal.processing import train_tokenizer  # noqa: E402
 from xmodal.training import ImageTextCollator, PretrainArguments, build_config, build_processor  # noqa: E402
 from xmodal.training.data import BAD_ROWS_KEY, SkipBadRows  # noqa: E402
 from xmodal.training.data.pipeline import load_pretraining_data  # noqa: E402
-from xmodal.training.pretrain import _train_loader  # noqa: E402
+from xmodal.training.pretraining.builders import _train_loader
 
 EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 

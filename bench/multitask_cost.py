@@ -32,9 +32,9 @@ from common import PRECISIONS, machine, median, on_device, paired_ratio, time_al
 from xmodal import XModalForPreTraining  # noqa: E402
 from xmodal.processing import train_tokenizer  # noqa: E402
 from xmodal.training import ImageTextCollator, PretrainArguments, build_config, build_processor  # noqa: E402
-from xmodal.training.augmentations import ImageAugmentation, TextAugmentation  # noqa: E402
 from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset  # noqa: E402
-from xmodal.training.pretrain import OBJECTIVES  # noqa: E402
+from xmodal.training.data.augmentations import ImageAugmentation, TextAugmentation  # noqa: E402
+from xmodal.training.pretraining.arguments import OBJECTIVES
 
 
 def real_batch(preset: str, batch_size: int) -> tuple[dict[str, torch.Tensor], object]:

@@ -5,7 +5,7 @@ held-out test images, its accuracy is measured for each task
 
 - with hand-written prompts: each template set below, a class embedded as the mean of its prompts (CLIP's
   ensembling); the best set on the test images is reported (an optimistic baseline: chosen on the test set);
-- with learned prompts (`xmodal.training.prompt_learning.train_prompts`), shared and class-specific context,
+- with learned prompts (`xmodal.training.transfer.prompt_learning.train_prompts`), shared and class-specific context,
   trained on K images per class drawn from the training images, for each K and --seeds draws (median reported);
 - as a reference that uses no text, with the class means of the same K shots' image embeddings (nearest class
   mean): when it is at chance the image embeddings do not carry the classes, and no prompt can help.
@@ -41,8 +41,9 @@ from xmodal import XModalModel, XModalProcessor  # noqa: E402
 from xmodal.training import PretrainArguments, pretrain  # noqa: E402
 from xmodal.training.data import COLORS, SHAPES, make_synthetic_dataset  # noqa: E402
 from xmodal.training.data.pipeline import DataArguments, load_pretraining_data  # noqa: E402
-from xmodal.training.inference import DEFAULT_TEMPLATES, embed_images, ensemble_text_embeddings  # noqa: E402
-from xmodal.training.prompt_learning import train_prompts  # noqa: E402
+from xmodal.training.inference.embeddings import embed_images
+from xmodal.training.inference.zero_shot import DEFAULT_TEMPLATES, ensemble_text_embeddings
+from xmodal.training.transfer.prompt_learning import train_prompts  # noqa: E402
 
 EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 

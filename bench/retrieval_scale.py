@@ -1,5 +1,5 @@
 """Retrieval at scale: exact top-k search of text queries over large image-embedding galleries in bounded memory
-(`xmodal.training.search.chunked_topk`), showing that time grows linearly with the gallery and memory does not.
+(`xmodal.training.inference.search.chunked_topk`), showing that time grows linearly with the gallery and memory does not.
 
 For each gallery size N (default 10k, 100k, 1M) a fresh child process builds `--queries` (1,000) random queries and N
 random gallery embeddings (`--dim` 256, L2-normalised, fp32; the gallery is resident, as an in-memory index would
@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     time_alternating,
 )
 
-from xmodal.training.search import chunked_topk  # noqa: E402
+from xmodal.training.inference.search import chunked_topk  # noqa: E402
 
 MIB = 2**20
 

@@ -16,14 +16,21 @@ from transformers import (
     AutoProcessor,
 )
 
-from .configuration import (
-    XModalConfig,
-    XModalCrossConfig,
-    XModalDecoderConfig,
-    XModalTextConfig,
-    XModalVisionConfig,
-)
+from .configuration import XModalConfig, XModalCrossConfig, XModalDecoderConfig, XModalTextConfig, XModalVisionConfig
 from .hub import AUTO_MAP, write_remote_code
+from .losses import (
+    causal_lm_loss,
+    contrastive_loss,
+    mask_tokens,
+    masked_image_modeling_loss,
+    masked_language_modeling_loss,
+    negatives_contrastive_loss,
+    nt_xent_loss,
+    patchify,
+    random_patch_mask,
+    siglip_loss,
+    vqa_loss,
+)
 from .modeling_xmodal import (
     XModalForConditionalGeneration,
     XModalForImageClassification,
@@ -37,17 +44,6 @@ from .modeling_xmodal import (
     XModalModel,
     XModalOutput,
     XModalPreTrainedModel,
-    causal_lm_loss,
-    contrastive_loss,
-    mask_tokens,
-    masked_image_modeling_loss,
-    masked_language_modeling_loss,
-    negatives_contrastive_loss,
-    nt_xent_loss,
-    patchify,
-    random_patch_mask,
-    siglip_loss,
-    vqa_loss,
 )
 from .processing import XModalImageProcessor, XModalProcessor, train_tokenizer
 

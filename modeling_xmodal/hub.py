@@ -21,6 +21,16 @@ from typing import Any
 # flat file name (without .py) -> module in the installed package
 BUNDLE_MODULES: dict[str, str] = {
     "configuration_xmodal": "xmodal.configuration.configuration_xmodal",
+    "checks": "xmodal.checks",
+    "outputs": "xmodal.outputs",
+    "losses": "xmodal.losses",
+    "layers": "xmodal.layers",
+    "towers": "xmodal.towers",
+    "heads": "xmodal.heads",
+    "modeling_base": "xmodal.modeling_base",
+    "matching": "xmodal.matching",
+    "modeling_tasks": "xmodal.modeling_tasks",
+    "modeling_pretraining": "xmodal.modeling_pretraining",
     "modeling_xmodal": "xmodal.modeling_xmodal",
     "image_processing_xmodal": "xmodal.processing.image_processing_xmodal",
     "processing_xmodal": "xmodal.processing.processing_xmodal",

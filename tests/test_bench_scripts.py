@@ -140,10 +140,10 @@ def check_memory(results: dict, printed: str) -> None:
 def test_fused_contrastive_loss_keeps_the_logits_and_their_gradient(monkeypatch):
     """The allocation tracker of bench/memory.py on both contrastive losses at B = 512, with row chunks of 32 rows:
     at the peak only two B x B matrices are alive (the logits and their gradient) plus chunk temporaries."""
-    from xmodal import modeling_xmodal
+    from xmodal import losses as model_losses
 
     memory = load("memory", monkeypatch)
-    monkeypatch.setattr(modeling_xmodal, "_LOSS_CHUNK_ELEMENTS", 32 * 512)
+    monkeypatch.setattr(model_losses, "_LOSS_CHUNK_ELEMENTS", 32 * 512)
     tracked = memory.square_allocations(512, 16)
     assert set(tracked) == {"ContrastiveLoss", "XModalModel"}
     for info in tracked.values():

@@ -13,7 +13,7 @@ import pytest
 from test_training_inference import save_tiny_model, solid
 
 from xmodal.training.cli import COMMANDS, main
-from xmodal.training.inference import ZeroShotClassifier
+from xmodal.training.inference.zero_shot import ZeroShotClassifier
 
 HELP_MENTIONS = {
     "pretrain": ["--max_steps", "--objectives"],
@@ -198,7 +198,9 @@ def test_push_calls_push_to_hub(monkeypatch, tmp_path, capsys):
         commit.pr_url = f"https://huggingface.co/{repo_id}/discussions/1" if kwargs["create_pr"] else None
         return commit
 
-    monkeypatch.setitem(sys.modules, "xmodal.training.push", types.SimpleNamespace(push_to_hub=fake_push_to_hub))
+    monkeypatch.setitem(
+        sys.modules, "xmodal.training.publishing.push", types.SimpleNamespace(push_to_hub=fake_push_to_hub)
+    )
     argv = ["push", "--folder", str(tmp_path), "--repo_id", "me/tiny", "--private", "--revision", "dev"]
     assert main([*argv, "--commit_message", "first"]) == 0
     assert calls[-1] == (
@@ -218,13 +220,15 @@ def test_push_calls_push_to_hub(monkeypatch, tmp_path, capsys):
     def refusing_push_to_hub(folder, repo_id, **kwargs):
         raise ValueError("No Hugging Face token: set HF_TOKEN or run `hf auth login`.")
 
-    monkeypatch.setitem(sys.modules, "xmodal.training.push", types.SimpleNamespace(push_to_hub=refusing_push_to_hub))
+    monkeypatch.setitem(
+        sys.modules, "xmodal.training.publishing.push", types.SimpleNamespace(push_to_hub=refusing_push_to_hub)
+    )
     assert main(["push", "--folder", str(tmp_path), "--repo_id", "me/tiny"]) == 2
     assert "xmodal push: No Hugging Face token" in capsys.readouterr().err
 
 
 def test_finetune_command_reads_flags_and_yaml(monkeypatch, tmp_path, capsys):
-    finetune_module = importlib.import_module("xmodal.training.finetune")
+    finetune_module = importlib.import_module("xmodal.training.transfer.finetune")
     seen = []
 
     def fake_finetune(args):

@@ -1,7 +1,7 @@
 """Zero-shot classification with prompt ensembles, and folder retrieval with its embedding cache.
 
 `save_tiny_model` (a tiny XModalModel and its processor, saved) is also used by test_training_cli.py and
-test_training_finetune.py.
+test_training_transfer_finetune.py.
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from PIL import Image
 from xmodal import XModalConfig, XModalImageProcessor, XModalModel, XModalProcessor
 from xmodal.processing import train_tokenizer
 from xmodal.training.data import COLORS, SHAPES, caption_corpus, make_synthetic_dataset
-from xmodal.training.inference import (
+from xmodal.training.inference.index import (
     CACHE_PREFIX,
-    DEFAULT_TEMPLATES,
-    ZeroShotClassifier,
     embedding_fingerprint,
-    ensemble_text_embeddings,
     index_image_folder,
     list_images,
     rank_images,
     rank_texts,
 )
+from xmodal.training.inference.zero_shot import DEFAULT_TEMPLATES, ZeroShotClassifier, ensemble_text_embeddings
 
 IMAGE_SIZE = 32
 

@@ -109,7 +109,7 @@ def test_pretraining_model_takes_the_global_batch_loss(tester):
 
 
 def _global_batch_worker(rank: int, port: int, out_dir: str) -> None:
-    from xmodal.modeling_xmodal import _itm_inputs
+    from xmodal.matching import _itm_inputs
     from xmodal.training.losses import GlobalBatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

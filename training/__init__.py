@@ -1,11 +1,14 @@
-"""xmodal.training: data sources, augmentations, the pretraining loop, evaluation with local metric modules,
-fine-tuning and inference helpers, model cards, publishing and the `xmodal` CLI."""
+"""xmodal.training, one subpackage per stage: `data` (sources, synthetic scenes, augmentations, collators) ->
+`pretraining` (the Accelerate loop, budget, selection, checkpoints) -> `evaluation` (held-out metrics) -> `inference`
+(embeddings, zero-shot, retrieval) and `transfer` (fine-tuning, linear probes, prompt learning) -> `publishing`
+(model card, plots, push); `losses` gather across processes; `cli` is the `xmodal` command over all of them.
 
-from .augmentations import ImageAugmentation, PairAugmentation, TextAugmentation, make_views, mirror_left_right
-from .cards import render_model_card, write_model_card
-from .collate import ImageTextCollator
+The documented entry points are re-exported here."""
+
+from .data.augmentations import ImageAugmentation, PairAugmentation, TextAugmentation, make_views, mirror_left_right
+from .data.collate import ImageTextCollator
 from .data.pipeline import DataArguments, load_pretraining_data
-from .evaluation import (
+from .evaluation.evaluator import (
     EvaluationTask,
     embed_dataset,
     evaluate_model,
@@ -14,26 +17,20 @@ from .evaluation import (
     itm_metrics,
     retrieval_metrics,
 )
-from .finetune import FinetuneArguments, finetune
-from .inference import ZeroShotClassifier, index_image_folder, rank_images, rank_texts
-from .linear_probe import LinearProbe, extract_features, fit_linear_probe, linear_probe_evaluation
+from .inference import ZeroShotClassifier, chunked_topk, index_image_folder, rank_images, rank_texts
 from .losses import ContrastiveLoss, GlobalBatch, LossBalancer
-from .plots import plot_loss_curve, plot_retrieval_example, retrieval_example_picture
-from .pretrain import (
-    OBJECTIVES,
-    PretrainArguments,
-    build_config,
-    build_processor,
-    optimizer_param_groups,
-    parse_objectives,
-    pretrain,
-    train_augmentation,
-)
-from .prompt_learning import PromptLearner, load_prompts, train_prompts
-from .push import push_to_hub
-from .schedule import BudgetedSchedule, parse_duration
-from .search import chunked_topk
-from .selection import ModelSelection
+from .pretraining.arguments import OBJECTIVES, PretrainArguments, parse_objectives
+from .pretraining.builders import build_config, build_processor, optimizer_param_groups, train_augmentation
+from .pretraining.loop import pretrain
+from .pretraining.schedule import BudgetedSchedule, parse_duration
+from .pretraining.selection import ModelSelection
+from .publishing.cards import render_model_card, write_model_card
+from .publishing.plots import plot_loss_curve, plot_retrieval_example, retrieval_example_picture
+from .publishing.push import push_to_hub
+from .transfer.finetune import finetune
+from .transfer.finetune_arguments import FinetuneArguments
+from .transfer.linear_probe import LinearProbe, extract_features, fit_linear_probe, linear_probe_evaluation
+from .transfer.prompt_learning import PromptLearner, load_prompts, train_prompts
 
 __all__ = [
     "OBJECTIVES",

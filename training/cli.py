@@ -80,7 +80,7 @@ class EvaluateArguments(DataArguments):
         if not self.model or not os.path.isdir(self.model):
             raise ValueError(f"--model must be the folder of a saved xmodal model, got {self.model!r}.")
         if self.linear_probe:
-            from xmodal.training.linear_probe import PROBE_METHODS
+            from xmodal.training.transfer.linear_probe import PROBE_METHODS
 
             _check_positive("linear_probe_max_train_rows", self.linear_probe_max_train_rows)
             if self.linear_probe_method not in PROBE_METHODS:
@@ -180,7 +180,7 @@ class ZeroShotArguments:
 
     def template_list(self) -> tuple[str, ...]:
         """The prompt templates: --templates, checked, or the default ensemble."""
-        from xmodal.training.inference import DEFAULT_TEMPLATES, check_templates
+        from xmodal.training.inference.zero_shot import DEFAULT_TEMPLATES, check_templates
 
         return DEFAULT_TEMPLATES if self.templates is None else check_templates(self.templates.split("|"))
 
@@ -292,8 +292,9 @@ def _load_model(path: str) -> tuple[XModalModel, XModalProcessor]:
 
 
 def _pretrain(argv: list[str]) -> int:
-    from xmodal.training.pretrain import PretrainArguments, pretrain
-    from xmodal.training.run_report import format_retrieval_table
+    from xmodal.training.pretraining.arguments import PretrainArguments
+    from xmodal.training.pretraining.loop import pretrain
+    from xmodal.training.publishing.run_report import format_retrieval_table
 
     args = _parse(PretrainArguments, argv, "xmodal pretrain")
     metrics = pretrain(args)
@@ -313,7 +314,7 @@ def _evaluate(argv: list[str]) -> int:
     from xmodal import XModalForPreTraining, XModalProcessor
     from xmodal.training.data import ANSWER_VOCAB
     from xmodal.training.data.pipeline import load_pretraining_data
-    from xmodal.training.evaluation import evaluate_model, evaluation_task
+    from xmodal.training.evaluation.evaluator import evaluate_model, evaluation_task
 
     args = _parse(EvaluateArguments, argv, "xmodal evaluate")
     model = XModalForPreTraining.from_pretrained(args.model)
@@ -339,7 +340,7 @@ def _evaluate(argv: list[str]) -> int:
     )
     if args.linear_probe:
         from xmodal.training.data.pipeline import _decodable
-        from xmodal.training.linear_probe import linear_probe_evaluation
+        from xmodal.training.transfer.linear_probe import linear_probe_evaluation
 
         train = _decodable(data.train.with_format(None), args.linear_probe_max_train_rows)
         metrics.update(
@@ -365,7 +366,8 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _finetune(argv: list[str]) -> int:
-    from xmodal.training.finetune import FinetuneArguments, finetune, summarize_metrics
+    from xmodal.training.transfer.finetune import finetune, summarize_metrics
+    from xmodal.training.transfer.finetune_arguments import FinetuneArguments
 
     args = _parse(FinetuneArguments, argv, "xmodal finetune")
     metrics = finetune(args)
@@ -376,7 +378,7 @@ def _finetune(argv: list[str]) -> int:
 
 def _push(argv: list[str]) -> int:
     args = _parse(PushArguments, argv, "xmodal push")
-    from xmodal.training.push import push_to_hub
+    from xmodal.training.publishing.push import push_to_hub
 
     options = {"private": args.private, "revision": args.revision, "create_pr": args.create_pr}
     if args.commit_message is not None:
@@ -415,11 +417,11 @@ def _zero_shot(argv: list[str]) -> int:
         argv = ["--images", *positional, *argv[len(positional) :]]
     args = _parse(ZeroShotArguments, argv, "xmodal zero-shot", usage=usage)
 
-    from xmodal.training.inference import ZeroShotClassifier
+    from xmodal.training.inference.zero_shot import ZeroShotClassifier
 
     model, processor = _load_model(args.model)
     if args.prompts is not None:
-        from xmodal.training.prompt_learning import load_prompts
+        from xmodal.training.transfer.prompt_learning import load_prompts
 
         learner = load_prompts(args.prompts, model)
         given = args.labels is not None or args.labels_file is not None
@@ -439,7 +441,7 @@ def _zero_shot(argv: list[str]) -> int:
 def _retrieve(argv: list[str]) -> int:
     args = _parse(RetrieveArguments, argv, "xmodal retrieve")
 
-    from xmodal.training.inference import index_image_folder, rank_images, rank_texts
+    from xmodal.training.inference.index import index_image_folder, rank_images, rank_texts
 
     model, processor = _load_model(args.model)
     if args.query is not None:

@@ -1,0 +1,390 @@
+"""Building blocks shared by the towers and the fusion module: attention through transformers' attention
+interface (eager, sdpa, flash), the MLP, stochastic depth, the encoder layer and encoder, and the packing of
+visible tokens for masked image modelling.
+
+This file is part of the remote-code bundle pushed to the Hub: it imports only the standard library, torch,
+transformers, safetensors and its siblings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def _host_reads_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor`'s values on the host costs nothing: a CPU tensor in eager mode. On an accelerator
+    a read (`bool(t.all())`, `int(t.max())`) waits for every queued kernel, so optional fast paths that need one
+    (skipping an all-ones mask) are only taken on CPU."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T * scaling + mask) V. Shapes: q `(B, H, Lq, D)`, k/v `(B, H, Lk, D)`, mask `(B, 1, 1|Lq, Lk)`;
+    returns `(B, Lq, H, D)` and the attention weights `(B, H, Lq, Lk)`."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    elif getattr(module, "is_causal", False) and query.shape[2] > 1:
+        # no mask on a causal module means an unpadded prefill without cache (see `_causal_mask`)
+        future = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).triu(1)
+        attn_weights = attn_weights.masked_fill(future, torch.finfo(attn_weights.dtype).min)
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _additive_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`(B, L)` 1/0 key-padding mask -> additive `(B, 1, 1, L)` mask, or None when nothing is padded (so sdpa can
+    take its unmasked fast path). Whether anything is padded is only looked at on CPU (`_host_reads_are_free`):
+    compiled or on an accelerator the mask is always built, so nothing waits for the device."""
+    if attention_mask is None or (_host_reads_are_free(attention_mask) and bool(attention_mask.all())):
+        return None
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    mask = mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
+
+
+@dataclass
+class _TokenPacking:
+    """Where the real tokens of a right- or left-padded `(B, L)` batch lie, so that the token-wise work of a layer
+    (LayerNorm, projections, MLP) runs on the `N` real tokens alone, as in unpadded BERT training (Portes et al.
+    2023, MosaicBERT); only the attention core sees the padded `(B, L)` layout. Skipped tokens are padding, which
+    the key mask hides from every real token, so the real tokens' outputs do not change."""
+
+    index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * L) layout
+    batch_size: int
+    length: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> _TokenPacking:
+        """From a `(B, L)` 1/0 mask with some padding."""
+        batch_size, length = attention_mask.shape
+        return cls(attention_mask.reshape(-1).nonzero().squeeze(1), batch_size, length)
+
+    def unpad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(B, L, C)` -> `(N, C)`."""
+        return tokens.reshape(self.batch_size * self.length, -1).index_select(0, self.index)
+
+    def pad(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`(N, C)` -> `(B, L, C)`, zeros at the padding."""
+        padded = tokens.new_zeros(self.batch_size * self.length, tokens.shape[-1]).index_copy(0, self.index, tokens)
+        return padded.view(self.batch_size, self.length, -1)
+
+    def sequence_index(self) -> torch.Tensor:
+        """`(N,)` the row (sequence) of the batch each real token belongs to."""
+        return torch.div(self.index, self.length, rounding_mode="floor")
+
+
+def _visible_first(bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """`(B, N)` mask -> `(B, N)` patch indices, each row's unmasked patches first, in their original order."""
+    return torch.argsort(bool_masked_pos.to(torch.uint8), dim=1, stable=True)
+
+
+def _keep_visible(tokens: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """`(B, N, D)` tokens and a `(B, N)` mask with the same number of True entries per row -> the unmasked tokens
+    `(B, N - num_masked, D)`, in their original order. The number kept (a shape) is the one host read; the tokens
+    are gathered by index (no boolean indexing, whose forward and backward each read the mask on the host)."""
+    if bool_masked_pos.shape != tokens.shape[:2]:
+        raise ValueError(
+            f"bool_masked_pos must have shape (batch_size, num_patches)={tuple(tokens.shape[:2])}, got "
+            f"{tuple(bool_masked_pos.shape)}."
+        )
+    counts = (~bool_masked_pos.bool()).sum(dim=1)
+    fewest, most = torch.stack([counts.min(), counts.max()]).tolist()
+    if fewest != most:
+        raise ValueError(
+            f"bool_masked_pos must mask the same number of patches in every image (got {fewest} to {most} visible); "
+            "use xmodal.random_patch_mask."
+        )
+    index = _visible_first(bool_masked_pos)[:, :fewest]  # (B, num_visible)
+    return tokens.gather(1, index[:, :, None].expand(-1, -1, tokens.shape[-1]))
+
+
+def _restore_visible(visible: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_keep_visible`: `(B, num_visible, D)` tokens and the `(B, N)` mask -> `(B, N, D)` with each
+    token back in its place and zeros at the masked positions (scattered by index, no host read)."""
+    batch_size, num_patches = bool_masked_pos.shape
+    index = _visible_first(bool_masked_pos)[:, : visible.shape[1], None].expand(-1, -1, visible.shape[-1])
+    return visible.new_zeros(batch_size, num_patches, visible.shape[-1]).scatter(1, index, visible)
+
+
+def _causal_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive `(B, 1, Lq, past + Lq)` mask for causal self-attention over a cache of `past_length` tokens, or None
+    where the attention modules' own causal flag suffices (nothing padded, and no cache or one query). Off CPU any
+    given mask counts as padded (no host read, see `_additive_padding_mask`)."""
+    padded = attention_mask is not None and not (_host_reads_are_free(attention_mask) and bool(attention_mask.all()))
+    if not padded and (past_length == 0 or query_length == 1):
+        return None
+    key_length = past_length + query_length
+    positions = torch.arange(key_length, device=device)
+    future = positions[None, :] > (positions[past_length:, None])  # (Lq, Lk)
+    blocked = future[None, None]
+    if padded:
+        blocked = blocked | (attention_mask[:, None, None, -key_length:] == 0)
+    return torch.zeros(blocked.shape, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+
+
+class XModalAttention(nn.Module):
+    """Multi-head attention through transformers' attention interface (sdpa by default, eager available).
+
+    Self-attention uses one fused QKV projection; cross-attention (`is_cross_attention=True`) projects the
+    queries from `hidden_states` and the keys/values from `encoder_hidden_states`. Causal self-attention
+    (`is_causal=True`, the captioning decoder) appends its keys/values to a transformers `Cache` when one is given.
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        is_cross_attention: bool = False,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_dropout
+        self.is_causal = is_causal
+        self.layer_idx = layer_idx
+        self.is_cross_attention = is_cross_attention
+        if is_cross_attention:
+            self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+            self.kv_proj = nn.Linear(self.embed_dim, 2 * self.embed_dim)
+        else:
+            self.qkv_proj = nn.Linear(self.embed_dim, 3 * self.embed_dim)
+        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        encoder_index: torch.Tensor | None = None,
+        packing: _TokenPacking | None = None,
+    ) -> torch.Tensor:
+        """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)` (or `(M, Lk, C)` with `encoder_index`
+        `(B,)` picking row `encoder_index[b]` for query row b: each context is projected once however often it is
+        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`. With `packing` (self-attention),
+        `hidden_states` are the `(N, C)` real tokens of a padded batch and so is the output."""
+        if packing is not None:  # uncached self-attention (the text tower)
+            qkv = packing.pad(self.qkv_proj(hidden_states))  # (N, 3C) -> (B, L, 3C), the projection on real tokens
+            batch_size, query_length = packing.batch_size, packing.length
+            query, key, value = qkv.view(batch_size, query_length, 3, self.num_heads, self.head_dim).unbind(dim=2)
+            return self.out_proj(packing.unpad(self._attend(query, key, value, attention_mask)))
+        batch_size, query_length, _ = hidden_states.shape
+        if self.is_cross_attention:
+            query = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.head_dim)
+            key_length = encoder_hidden_states.shape[1]
+            kv = self.kv_proj(encoder_hidden_states)
+            if encoder_index is not None:
+                kv = kv[encoder_index]
+            kv = kv.view(batch_size, key_length, 2, self.num_heads, self.head_dim)
+            key, value = kv.unbind(dim=2)
+        else:
+            qkv = self.qkv_proj(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.unbind(dim=2)
+        return self.out_proj(self._attend(query, key, value, attention_mask, cache))
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Per-head `query` `(B, Lq, H, D)`, `key`/`value` `(B, Lk, H, D)` -> attention output `(B, Lq, C)`, before
+        the output projection."""
+        batch_size, query_length = query.shape[:2]
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, L, D)
+        if cache is not None and not self.is_cross_attention:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return attn_output.reshape(batch_size, query_length, self.embed_dim)
+
+
+class XModalMLP(nn.Module):
+    """Two-layer feed-forward block: `(B, L, C)` -> `(B, L, C)`."""
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+def _drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
+    """The stochastic depth rate of each of `depth` blocks, rising linearly from 0 at the first to `drop_path_rate`
+    at the last (timm's `torch.linspace(0, drop_path_rate, depth)`, in float64 so that a rate just below 1 stays
+    below 1)."""
+    return [rate.item() for rate in torch.linspace(0.0, float(drop_path_rate), depth, dtype=torch.float64)]
+
+
+class XModalDropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016) of a residual branch, as timm's `DropPath`: in training, each sample's
+    branch output is zeroed with probability `drop_prob` and the kept ones are scaled by `1 / (1 - drop_prob)`, so
+    the expected output is the input; the identity in eval mode or at `drop_prob=0` (no random numbers drawn).
+
+    The per-sample mask is drawn from the global torch RNG on the tensor's device: `(B, 1, ..., 1)` for `(B, ...)`.
+    With `packing`, the input is the `(N, C)` real tokens of a padded batch of B sequences: the `(B,)` mask is
+    drawn as for the padded `(B, L, C)` layout (the same random numbers) and expanded to each token's sequence.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"XModalDropPath.drop_prob must be in [0, 1), got {drop_prob!r}.")
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor, packing: _TokenPacking | None = None) -> torch.Tensor:
+        """`hidden_states` `(B, ...)`, or `(N, C)` with `packing` -> the same shape."""
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        batch_size = packing.batch_size if packing is not None else hidden_states.shape[0]
+        mask = hidden_states.new_empty(batch_size).bernoulli_(keep_prob).div_(keep_prob)  # (B,)
+        if packing is not None:
+            mask = mask.index_select(0, packing.sequence_index())  # (N,)
+        return hidden_states * mask.view(-1, *([1] * (hidden_states.ndim - 1)))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:g}"
+
+
+class XModalEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + SelfAttn(LN(x)) [+ CrossAttn(LN(x), LN(context))] + MLP(LN(x)).
+
+    With `has_cross_attention=True` it is a fusion layer: the queries come from `hidden_states` and the
+    keys/values from `encoder_hidden_states` (the other modality), as in ALBEF/BLIP. With `is_causal=True` the
+    self-attention is causal and cached (a decoder layer). With `drop_path_rate > 0`, each residual branch goes
+    through [`XModalDropPath`] after its dropout (stochastic depth; drawn independently per branch, as in timm);
+    at 0 there is no such module.
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        has_cross_attention: bool = False,
+        is_causal: bool = False,
+        layer_idx: int | None = None,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = XModalAttention(config, is_causal=is_causal, layer_idx=layer_idx)
+        self.has_cross_attention = has_cross_attention
+        if has_cross_attention:
+            self.cross_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.context_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.cross_attn = XModalAttention(config, is_cross_attention=True)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = XModalMLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = XModalDropPath(drop_path_rate) if drop_path_rate > 0 else None
+
+    def _residual_branch(self, branch: torch.Tensor, packing: _TokenPacking | None = None) -> torch.Tensor:
+        """Dropout, then stochastic depth (when configured), of a branch output `(B, L, C)` (or `(N, C)`)."""
+        branch = self.dropout(branch)
+        return branch if self.drop_path is None else self.drop_path(branch, packing)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        encoder_index: torch.Tensor | None = None,
+        packing: _TokenPacking | None = None,
+    ) -> torch.Tensor:
+        """`hidden_states` `(B, L, C)`, or the `(N, C)` real tokens with `packing`; masks are additive
+        `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or `(M, Lk, C)` indexed by `encoder_index` `(B,)`
+        (unpadded contexts only)."""
+        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache, packing=packing)
+        hidden_states = hidden_states + self._residual_branch(attended, packing)
+        if self.has_cross_attention:
+            context = self.context_layer_norm(encoder_hidden_states)
+            cross = self.cross_attn(
+                self.cross_layer_norm(hidden_states), encoder_attention_mask, context, encoder_index=encoder_index
+            )
+            hidden_states = hidden_states + self._residual_branch(cross, packing)
+        return hidden_states + self._residual_branch(self.mlp(self.layer_norm2(hidden_states)), packing)
+
+
+class XModalEncoder(nn.Module):
+    """A stack of `num_hidden_layers` [`XModalEncoderLayer`] blocks, with stochastic depth rising linearly from 0 at
+    the first block to `config.drop_path_rate` (when the config has one) at the last."""
+
+    def __init__(self, config: PreTrainedConfig) -> None:
+        super().__init__()
+        rates = _drop_path_rates(getattr(config, "drop_path_rate", 0.0), config.num_hidden_layers)
+        self.layers = nn.ModuleList([XModalEncoderLayer(config, drop_path_rate=rate) for rate in rates])
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        packing: _TokenPacking | None = None,
+    ) -> BaseModelOutput:
+        """`hidden_states` `(B, L, C)` and an additive `attention_mask` `(B, 1, 1, L)`. With `packing`, the layers run
+        on the `(N, C)` real tokens of the padded batch: `last_hidden_state` is `(N, C)`, while `hidden_states`
+        (when asked) are padded back to `(B, L, C)`, zeros at the padding."""
+        padded = packing.pad if packing is not None else (lambda tokens: tokens)
+        all_hidden_states = (padded(hidden_states),) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, packing=packing)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (padded(hidden_states),)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+__all__ = [
+    "XModalAttention",
+    "XModalDropPath",
+    "XModalEncoder",
+    "XModalEncoderLayer",
+    "XModalMLP",
+    "eager_attention_forward",
+]
