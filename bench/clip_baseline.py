@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, CLIPModel
 
 from xmodal import XModalConfig
-from xmodal.training.augmentations import ImageAugmentation, PairAugmentation
+from xmodal.training.data.augmentations import ImageAugmentation, PairAugmentation
+from xmodal.training.data.collate import ImageTextCollator
 from xmodal.training.data.pipeline import DataArguments, load_pretraining_data
-from xmodal.training.evaluation import retrieval_metrics
-from xmodal.training.pretrain import ImageTextCollator, build_processor, optimizer_param_groups
-from xmodal.training.schedule import BudgetedSchedule, parse_duration
+from xmodal.training.evaluation.evaluator import retrieval_metrics
+from xmodal.training.pretraining.builders import build_processor, optimizer_param_groups
+from xmodal.training.pretraining.schedule import BudgetedSchedule, parse_duration
 
 DEMO_TOKENIZER = "training/assets/demo-tokenizer"
 
@@ -98,14 +99,14 @@ def train_clip(options: argparse.Namespace) -> dict[str, Any]:
     )
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, options.weight_decay), lr=options.learning_rate)
     max_seconds = parse_duration(options.max_time)
-    scheduler = BudgetedSchedule(optimizer, options.warmup_steps, None, max_seconds)
+    scheduler = BudgetedSchedule(optimizer, options.warmup_steps, options.max_steps, max_seconds)
     model.train()
     step, start, step_seconds = 0, time.perf_counter(), 0.0
     losses: list[float] = []
     while time.perf_counter() - start + step_seconds <= max_seconds:
         for batch in train_loader:
             step_start = time.perf_counter()
-            if step_start - start + step_seconds > max_seconds:
+            if step_start - start + step_seconds > max_seconds or step == options.max_steps:
                 break
             loss = model(**_clip_inputs(batch), return_loss=True).loss
             loss.backward()
@@ -134,6 +135,9 @@ def train_clip(options: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_time", default="6m", help="Training wall-clock budget (90s, 6m, 00:06:00).")
+    parser.add_argument(
+        "--max_steps", type=int, default=None, help="Step budget as well (the run ends at whichever comes first)."
+    )
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--text_column", default="text", help="One caption per row (the synthetic rows' first).")
     parser.add_argument("--split_column", default=None)

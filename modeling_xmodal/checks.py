@@ -247,4 +247,5 @@ def _check_pairs(logits_per_text: torch.Tensor) -> None:
         )
 
 
-__all__ = []
+# every helper here is internal to the models (imported by name by the sibling files)
+__all__: list[str] = []
