@@ -7,9 +7,6 @@ and its sibling `image_processing_xmodal`.
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
-import PIL.Image
-import torch
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import ImageInput
@@ -48,20 +45,6 @@ def _check_texts(text: object) -> str | list[str] | None:
                 "the text with errors='replace' or remove the character."
             ) from err
     return text
-
-
-def _num_images(images: object) -> int | None:
-    """How many images a batch input holds (a list, tuple or sequence, with 4-D arrays counted by their first
-    dimension, or a 4-D array itself); None for a single image."""
-    if isinstance(images, (np.ndarray, torch.Tensor)):
-        return images.shape[0] if images.ndim == 4 else None
-    if isinstance(images, (str, bytes, PIL.Image.Image)) or not isinstance(images, Sequence):
-        return None
-    if not isinstance(images, (list, tuple)):
-        return len(images)  # e.g. a `datasets` Column of single images (iterating it would decode them all)
-    return sum(
-        item.shape[0] if isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4 else 1 for item in images
-    )
 
 
 class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
@@ -116,8 +99,9 @@ class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
             images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
                 The images, passed to the image processor.
             text (`str` or a list of `str`, *optional*):
-                The captions, passed to the tokenizer. When `images` and `text` are both lists, their lengths must
-                match (one caption per image).
+                The captions, passed to the tokenizer. Any number of texts goes with any number of images, as with
+                `CLIPProcessor`: N images scored against K labels is the zero-shot call. Only a loss that pairs them
+                (text i describing image i, `return_loss=True`) needs equal counts, and the model says so.
             padding (`bool`, `str` or `PaddingStrategy`, *optional*, defaults to `True`):
                 Padding strategy of the tokenizer (`True`/`"longest"`, `"max_length"` or `False`).
             truncation (`bool` or `str`, *optional*, defaults to `True`):
@@ -143,20 +127,11 @@ class XModalProcessor(RemoteCodeSaveMixin, ProcessorMixin):
 
         Raises:
             ValueError: if neither `images` nor `text` is given, `text` is an empty list or holds invalid Unicode,
-                `max_length` cannot hold the special tokens and one token, or a batch of images (a list or a 4-D
-                array) and a list of texts differ in length. One image with several texts (zero-shot labels) and
-                several images with one text are accepted.
+                or `max_length` cannot hold the special tokens and one token.
             TypeError: if a text is not a string (the error names it, e.g. `text[2]`).
             Image errors are raised by the image processor and name the image (e.g. `images[3]`).
         """
         text = _check_texts(text)
-        num_images = _num_images(images)
-        if isinstance(text, list) and num_images is not None and len(text) != num_images:
-            raise ValueError(
-                f"Got {num_images} images and {len(text)} texts: a batch of images and a list of texts must have the "
-                "same length (one caption per image). To score images against a different number of captions, "
-                "process them in separate calls (or pass a single image with a list of texts)."
-            )
         if text is not None and getattr(self, "tokenizer", None) is not None:
             self._check_max_length(max_length)
             if truncation not in (False, None, "do_not_truncate"):

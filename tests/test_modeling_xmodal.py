@@ -204,6 +204,22 @@ def test_input_errors_are_clear(tester):
         model(pixel_values=inputs["pixel_values"])
 
 
+def test_images_against_a_different_number_of_texts(tester):
+    """N images x K texts (the zero-shot call, CLIPProcessor semantics) score as a K x N matrix of the pairwise
+    similarities; only the paired loss asks for equal counts."""
+    model = XModalModel(tester.get_config()).eval()
+    inputs = tester.get_inputs()
+    texts = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    for num_images in (1, 2):
+        with torch.no_grad():
+            out = model(**texts, pixel_values=inputs["pixel_values"][:num_images])
+            image = F.normalize(model.get_image_features(inputs["pixel_values"][:num_images]).pooler_output, dim=-1)
+            text = F.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
+        assert out.logits_per_text.shape == (tester.batch_size, num_images)
+        torch.testing.assert_close(out.logits_per_text, model.logit_scale.exp() * text @ image.t())
+        assert out.loss is None
+
+
 def test_no_fusion_module(tester):
     config = tester.get_config(cross_config={"num_hidden_layers": 0})
     model = XModalModel(config).eval()
