@@ -12,6 +12,7 @@ from xmodal.training.data.augmentations import HORIZONTAL_FLIP_MODES
 from xmodal.training.data.pipeline import DataArguments
 from xmodal.training.losses import LOSS_BALANCING
 from xmodal.training.pretraining.schedule import parse_duration
+from xmodal.training.publishing.trackers import parse_report_to
 
 OBJECTIVES = ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
 
@@ -211,12 +212,16 @@ class PretrainArguments(DataArguments):
     logging_steps: int = field(default=10, metadata={"help": "Log to the trackers every this many steps."})
     report_to: str = field(
         default="none",
-        metadata={"help": "Accelerate trackers, comma-separated (e.g. tensorboard, wandb), 'all' or 'none'."},
+        metadata={
+            "help": "Accelerate trackers, comma-separated (e.g. tensorboard, wandb), 'all' (every installed one) or "
+            "'none'; logs go under output_dir."
+        },
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_objectives(self.objectives)
+        parse_report_to(self.report_to)
         if self.config_overrides is not None:
             try:
                 overrides = json.loads(self.config_overrides)

@@ -26,6 +26,7 @@ from xmodal.training.data.augmentations import ImageAugmentation, PairAugmentati
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows
 from xmodal.training.pretraining.arguments import OBJECTIVES, PretrainArguments
 from xmodal.training.pretraining.checkpointing import checkpoint_root, latest_checkpoint
+from xmodal.training.publishing.trackers import parse_report_to
 
 
 def build_config(
@@ -146,14 +147,6 @@ def _mixed_precision(value: str) -> str:
     return "no"
 
 
-def _trackers(value: str) -> list[str] | str | None:
-    if value == "none":
-        return None
-    if value == "all":
-        return "all"
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def _process_group_timeout(seconds: int) -> InitProcessGroupKwargs:
     """The collective-operation timeout as an Accelerate handler. Accelerate passes on only the values that differ
     from a default handler's (600 s), so 600 s exactly would silently become torch's default for gloo (1800 s): it is
@@ -178,7 +171,7 @@ def build_accelerator(args: PretrainArguments) -> Accelerator:
         ],
         # without an accelerator device, Accelerate only forms a multi-process (gloo) group when told to use the CPU
         cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-        log_with=_trackers(args.report_to),
+        log_with=parse_report_to(args.report_to) or None,
         project_dir=args.output_dir,
         dynamo_backend="inductor" if args.torch_compile else "no",
     )

@@ -60,6 +60,7 @@ from xmodal.training.pretraining.checkpointing import (
 from xmodal.training.pretraining.schedule import BudgetedSchedule
 from xmodal.training.pretraining.selection import ModelSelection
 from xmodal.training.publishing.run_report import write_run_report
+from xmodal.training.publishing.trackers import tracker_config
 
 
 def process_seed(seed: int, process_index: int) -> int:
@@ -275,7 +276,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         state.update(saved)
         bad_rows.update(state["rows_seen"], state["bad_rows"], state["bad_row_examples"])
         accelerator.print(f"Resuming from {resumed_from} (step {state['step']}).")
-    accelerator.init_trackers("xmodal-pretrain", config={k: v for k, v in asdict(args).items() if v is not None})
+    accelerator.init_trackers("xmodal-pretrain", config=tracker_config(asdict(args)))
 
     model.train()
     progress = tqdm(

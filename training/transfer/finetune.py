@@ -49,6 +49,7 @@ from xmodal.training.evaluation.evaluator import evaluate_model
 from xmodal.training.evaluation.metrics import load_metric
 from xmodal.training.inference.embeddings import load_image
 from xmodal.training.losses import ContrastiveLoss
+from xmodal.training.publishing.trackers import parse_report_to
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -311,7 +312,7 @@ def training_arguments(args: FinetuneArguments) -> TrainingArguments:
         logging_steps=args.logging_steps,
         eval_strategy="no",
         save_strategy="no",
-        report_to="none",
+        report_to=parse_report_to(args.report_to) or "none",
         remove_unused_columns=False,
         label_names=[] if args.task == "retrieval" else ["labels"],
         ddp_find_unused_parameters=False if args.task == "retrieval" else None,

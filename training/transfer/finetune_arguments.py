@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
@@ -16,10 +15,7 @@ from xmodal import (
     XModalForVisualQuestionAnswering,
     XModalModel,
 )
-
-if TYPE_CHECKING:
-    pass
-
+from xmodal.training.publishing.trackers import parse_report_to
 
 TASKS: tuple[str, ...] = ("image-classification", "vqa", "retrieval", "captioning")
 CAPTION_TASKS: tuple[str, ...] = ("retrieval", "captioning")
@@ -119,6 +115,13 @@ class FinetuneArguments:
     optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name: adamw_torch, sgd, ..."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 disables)."})
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N optimizer steps."})
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "Trainer integrations, comma-separated (e.g. tensorboard, wandb), 'all' (every installed one) "
+            "or 'none'; logs go under output_dir."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     seed: int = field(default=0, metadata={"help": "Seed of the procedural data, the new head and the data order."})
     lora_r: int = field(
@@ -134,6 +137,7 @@ class FinetuneArguments:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}.")
+        parse_report_to(self.report_to)
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", f"xmodal-{self.task}")
         for name in ("num_train_examples", "num_eval_examples", "batch_size", "eval_batch_size", "logging_steps"):
