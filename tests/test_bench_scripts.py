@@ -172,10 +172,12 @@ def test_data_pipeline(run_smoke):
 
 
 def check_retrieval_scale(results: dict, printed: str) -> None:
-    row = results["sizes"]["2000"]
-    assert row["matches_full"] and row["max_score_difference"] < 1e-5
-    assert set(row["times"]) == set(row["memory"]) == {"chunked", "full"}
-    assert "| 2,000 |" in printed
+    for count in ("1", "8"):
+        row = results["sizes"]["2000"][count]
+        assert set(row["times"]) == set(row["memory"]) == {"torch", "faiss", "full"}
+        for backend in ("torch", "faiss"):
+            assert row[f"{backend}_rows_matching"] == 1.0 and row[f"{backend}_max_score_difference"] < 1e-5
+    assert "| 2,000 | 1 |" in printed and "| 2,000 | 8 |" in printed
 
 
 def test_retrieval_scale(run_smoke):

@@ -21,7 +21,16 @@ HELP_MENTIONS = {
     "finetune": ["--task", "image-classification, vqa", "--gradient_accumulation_steps", "--dataset", "--max_steps"],
     "push": ["--folder", "--repo_id", "--private", "--revision", "--commit_message"],
     "zero-shot": ["IMAGE [IMAGE ...]", "--labels", "--labels_file", "--templates", "--top_k", "positional"],
-    "retrieve": ["--images", "--query", "--image", "--texts", "--texts_file", "--top_k", "--cache_dir"],
+    "retrieve": [
+        "--images",
+        "--query",
+        "--image",
+        "--texts",
+        "--texts_file",
+        "--top_k",
+        "--cache_dir",
+        "--search_backend",
+    ],
 }
 
 
@@ -150,6 +159,10 @@ def test_retrieve_ranks_a_folder_and_caches_it(model_dir, pictures, tmp_path, ca
     assert "(3 embedded, 0 cached)" in capsys.readouterr().out and any(cache_dir.iterdir())
     assert main([*argv, "--no_cache"]) == 0
     assert "(3 embedded, 0 cached)" in capsys.readouterr().out
+    # both search backends give the same ranking (faiss-cpu is a dev dependency)
+    for backend in ("torch", "faiss"):
+        assert main([*argv, "--top_k", "2", "--search_backend", backend]) == 0
+        assert _table(capsys.readouterr().out, "rank  image  score") == rows, backend
 
 
 def test_retrieve_ranks_texts_for_an_image(model_dir, pictures, tmp_path, capsys):
@@ -173,6 +186,7 @@ def test_retrieve_ranks_texts_for_an_image(model_dir, pictures, tmp_path, capsys
         (["--images", "PICTURES", "--query", "a", "--image", "PICTURES/red.png"], "exactly one of --query"),
         (["--image", "PICTURES/red.png"], "exactly one of --texts"),
         (["--image", "PICTURES/nope.png", "--texts", "a,b"], "is not a file"),
+        (["--images", "PICTURES", "--query", "a", "--search_backend", "annoy"], "--search_backend must be one of"),
     ],
 )
 def test_retrieve_argument_errors(model_dir, pictures, capsys, arguments, message):

@@ -1,5 +1,5 @@
-"""chunked_topk: equal to a full search (ties to the lower gallery index), whatever the chunking and the gallery's
-form, with clear errors for bad inputs."""
+"""chunked_topk: equal to a full search (ties to the lower gallery index), whatever the chunking, the gallery's form
+and the backend (faiss's exact inner-product kernel or torch), with clear errors for bad inputs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import xmodal.training.inference.search as search
 from xmodal.training.inference.search import chunked_topk
+
+# faiss-cpu is a dev dependency, so make test runs both backends
+BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not search.faiss_available(), reason="no faiss"))]
 
 
 def full_search(queries: torch.Tensor, gallery: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,11 +26,12 @@ def integer_embeddings(rows: int, seed: int, dim: int = 6) -> torch.Tensor:
     return torch.randint(-2, 3, (rows, dim), generator=generator).float()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 17, 100, 1000])
 @pytest.mark.parametrize("k", [1, 4, 16, 100])
-def test_equals_full_search_with_ties(chunk_size, k):
+def test_equals_full_search_with_ties(chunk_size, k, backend):
     queries, gallery = integer_embeddings(20, seed=0), integer_embeddings(100, seed=1)
-    scores, indices = chunked_topk(queries, gallery, k, chunk_size=chunk_size)
+    scores, indices = chunked_topk(queries, gallery, k, chunk_size=chunk_size, backend=backend)
     expected_scores, expected_indices = full_search(queries, gallery, k)
     assert indices.dtype == torch.long and scores.shape == indices.shape == (20, k)
     assert torch.equal(indices, expected_indices)
@@ -46,15 +51,36 @@ def test_ties_go_to_the_lower_index_across_chunks():
     assert indices.tolist() == [[2, 25]]
 
 
-def test_matches_torch_topk_on_normalised_embeddings():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_topk_on_normalised_embeddings(backend):
     generator = torch.Generator().manual_seed(0)
     queries = F.normalize(torch.randn(37, 64, generator=generator), dim=-1)
     gallery = F.normalize(torch.randn(5000, 64, generator=generator), dim=-1)
-    scores, indices = chunked_topk(queries, gallery, k=10, chunk_size=777)
+    scores, indices = chunked_topk(queries, gallery, k=10, chunk_size=777, backend=backend)
     expected = (queries @ gallery.t()).topk(10, dim=1)
+    # random unit vectors: no two scores of a row within float rounding of each other here
     assert torch.equal(indices, expected.indices)
     torch.testing.assert_close(scores, expected.values)
     assert torch.all(scores[:, :-1] >= scores[:, 1:])
+
+
+def test_auto_takes_faiss_for_fp32_cpu_queries_when_installed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(search, "_faiss_topk", lambda *args: calls.append(args) or search_torch_topk(*args))
+    queries, gallery = integer_embeddings(3, seed=8), integer_embeddings(40, seed=9)
+    expected = full_search(queries, gallery, 4)
+    monkeypatch.setattr(search, "faiss_available", lambda: True)
+    assert torch.equal(chunked_topk(queries, gallery, 4, chunk_size=16)[1], expected[1]) and len(calls) == 3
+    assert torch.equal(chunked_topk(queries.double(), gallery, 4)[1], expected[1]) and len(calls) == 3  # fp64: torch
+    monkeypatch.setattr(search, "faiss_available", lambda: False)
+    assert torch.equal(chunked_topk(queries, gallery, 4)[1], expected[1]) and len(calls) == 3
+    with pytest.raises(ValueError, match=r'backend="faiss" needs faiss-cpu \(pip install "xmodal\[faiss\]"\)'):
+        chunked_topk(queries, gallery, 4, backend="faiss")
+
+
+def search_torch_topk(queries: torch.Tensor, chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in for faiss's kernel: the best `k` of `queries @ chunk.T`, best first."""
+    return (queries @ chunk.t()).topk(k, dim=1)
 
 
 def test_chunk_boundaries_and_k_equal_to_gallery():
@@ -108,6 +134,11 @@ def test_errors():
         chunked_topk(torch.ones(3, 4, dtype=torch.long), gallery, k=1)
     with pytest.raises(ValueError, match=r"gallery must have shape \(N, D\), got \(10, 4, 1\)"):
         chunked_topk(queries, gallery[..., None], k=1)
+    with pytest.raises(ValueError, match=r"backend must be one of auto, faiss, torch, got 'annoy'"):
+        chunked_topk(queries, gallery, k=1, backend="annoy")
+    if search.faiss_available():
+        with pytest.raises(ValueError, match=r'backend="faiss" searches fp32 CPU queries, got torch.float64'):
+            chunked_topk(queries.double(), gallery, k=1, backend="faiss")
     with pytest.raises(ValueError, match="gallery chunk 1 has dimension 5, the queries 4"):
         chunked_topk(queries, [gallery, torch.randn(2, 5)], k=1)
     with pytest.raises(ValueError, match="gallery chunk 0 must be a tensor of shape"):

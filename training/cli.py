@@ -207,6 +207,13 @@ class RetrieveArguments:
     )
     no_cache: bool = field(default=False, metadata={"help": "Embed every image again and write no cache."})
     batch_size: int = field(default=32, metadata={"help": "Images per forward pass."})
+    search_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Exact top-k search: auto (faiss when faiss-cpu is installed, else torch), faiss or torch "
+            "(chunked, bounded memory)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if (self.query is None) == (self.image is None):
@@ -226,6 +233,14 @@ class RetrieveArguments:
             self.text_list()
         _check_positive("top_k", self.top_k)
         _check_positive("batch_size", self.batch_size)
+        from xmodal.training.inference.search import SEARCH_BACKENDS, faiss_available
+
+        if self.search_backend not in SEARCH_BACKENDS:
+            raise ValueError(
+                f"--search_backend must be one of {', '.join(SEARCH_BACKENDS)}, got {self.search_backend!r}."
+            )
+        if self.search_backend == "faiss" and not faiss_available():
+            raise ValueError('--search_backend faiss needs faiss-cpu: pip install "xmodal[faiss]".')
 
     def text_list(self) -> list[str]:
         """The candidate texts, from --texts or --texts_file."""
@@ -456,10 +471,12 @@ def _retrieve(argv: list[str]) -> int:
         print(
             f"{len(index.paths)} images ({index.num_embedded} embedded, {len(index.paths) - index.num_embedded} cached)"
         )
-        ranked = rank_images(model, processor, args.query, index, top_k=args.top_k)
+        ranked = rank_images(model, processor, args.query, index, top_k=args.top_k, backend=args.search_backend)
         header = ("rank", "image", "score")
     else:
-        ranked = rank_texts(model, processor, args.image, args.text_list(), top_k=args.top_k)
+        ranked = rank_texts(
+            model, processor, args.image, args.text_list(), top_k=args.top_k, backend=args.search_backend
+        )
         header = ("rank", "text", "score")
     rows = [(str(rank), item, f"{score:.4f}") for rank, (item, score) in enumerate(ranked, 1)]
     print(format_table(header, rows, "><>"))

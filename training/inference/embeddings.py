@@ -117,18 +117,17 @@ def embed_texts(
     return torch.cat(embeddings)
 
 
+def _check_top_k(top_k: object) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None (all), got {top_k!r}.")
+
+
 def _ranked(scores: torch.Tensor, items: Sequence[_Item], top_k: int | None) -> list[tuple[_Item, float]]:
     """`(item, score)` pairs by decreasing score `(len(items),)` (ties keep the items' order), the first `top_k`
     (all when None)."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None (all), got {top_k!r}.")
+    _check_top_k(top_k)
     order = torch.sort(scores, descending=True, stable=True).indices[:top_k].tolist()
     return [(items[index], float(scores[index])) for index in order]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Zero-shot classification
-# ----------------------------------------------------------------------------------------------------------------
 
 
 __all__ = [

@@ -17,24 +17,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from xmodal import XModalModel, XModalProcessor
-
-if TYPE_CHECKING:
-    pass
 from xmodal.training.inference.embeddings import (
     ImageInput,
     _check_batch_size,
+    _check_top_k,
     _ranked,
     embed_images,
     embed_texts,
     load_image,
 )
+from xmodal.training.inference.search import chunked_topk
 
 logger = logging.getLogger(__name__)
 
@@ -251,12 +249,28 @@ def rank_images(
     query: str,
     index: ImageFolderIndex,
     top_k: int | None = 10,
+    backend: str = "auto",
 ) -> list[tuple[str, float]]:
     """Text -> image retrieval: the `top_k` images of `index` (all when None) most similar to `query`, as
-    `(path, cosine similarity)` pairs by decreasing similarity; paths are `index.root` joined with the file."""
-    query_embedding = embed_texts(model, processor, [query])[0]
+    `(path, cosine similarity)` pairs by decreasing similarity; paths are `index.root` joined with the file.
+
+    A `top_k` search runs in bounded memory over any gallery size: `chunked_topk` with `backend` (auto: faiss's exact
+    inner-product search when `faiss-cpu` is installed, else torch)."""
+    query_embedding = embed_texts(model, processor, [query])
     paths = [os.path.join(index.root, name) for name in index.paths]
-    return _ranked(index.embeddings @ query_embedding, paths, top_k)
+    return _top(query_embedding, index.embeddings, paths, top_k, backend)
+
+
+def _top(
+    query: torch.Tensor, gallery: torch.Tensor, items: Sequence[str], top_k: int | None, backend: str
+) -> list[tuple[str, float]]:
+    """The `top_k` of `items` (rows of `gallery` `(N, D)`) by dot product with `query` `(1, D)`, best first (all,
+    fully sorted, when None)."""
+    _check_top_k(top_k)
+    if top_k is None or top_k >= len(items):
+        return _ranked(gallery @ query[0], items, top_k)
+    scores, indices = chunked_topk(query, gallery, top_k, backend=backend)
+    return [(items[index], score) for index, score in zip(indices[0].tolist(), scores[0].tolist())]
 
 
 def rank_texts(
@@ -266,14 +280,15 @@ def rank_texts(
     texts: Sequence[str],
     top_k: int | None = None,
     batch_size: int = 256,
+    backend: str = "auto",
 ) -> list[tuple[str, float]]:
     """Image -> text retrieval: the `top_k` of `texts` (all when None) most similar to `image` (a PIL image or a
-    path), as `(text, cosine similarity)` pairs by decreasing similarity."""
+    path), as `(text, cosine similarity)` pairs by decreasing similarity (`backend` as in `rank_images`)."""
     if not texts:
         raise ValueError("rank_texts needs at least one text.")
-    image_embedding = embed_images(model, processor, [image])[0]
+    image_embedding = embed_images(model, processor, [image])
     text_embeddings = embed_texts(model, processor, texts, batch_size=batch_size)
-    return _ranked(text_embeddings @ image_embedding, list(texts), top_k)
+    return _top(image_embedding, text_embeddings, list(texts), top_k, backend)
 
 
 __all__ = [
