@@ -19,7 +19,7 @@ from transformers.activations import ACT2FN
 from xmodal.hub import AUTO_MAP, reject_push_in_save, write_remote_code
 
 FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
-POOLING_MODES = ("cls", "mean")
+POOLING_MODES = ("cls", "mean", "eos")
 CONTRASTIVE_LOSS_TYPES = ("nt_xent", "siglip")
 MIM_SOURCES = ("image", "fused")
 ITM_SAMPLING = ("all", "half")
@@ -129,6 +129,8 @@ class XModalVisionConfig(PreTrainedConfig):
             each sample's attention and MLP branches are dropped (and the kept ones scaled by 1/keep) with a rate
             rising linearly from 0 at the first block to `drop_path_rate` at the last. 0 (default) disables it.
         initializer_range (`float`): std of the normal initialiser.
+        pre_layernorm (`bool`): a LayerNorm on the embeddings before the first block, as CLIP's ViT has
+            (`pre_layrnorm`, Radford et al. 2021); off by default.
     """
 
     model_type: ClassVar[str] = "xmodal_vision_model"
@@ -147,12 +149,14 @@ class XModalVisionConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
+    pre_layernorm: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
         _check_probability(self, "drop_path_rate")
+        _check_bool(self, "pre_layernorm")
         _check_positive_int(self, "num_channels", "image_size", "patch_size")
         if self.image_size % self.patch_size != 0:
             raise ValueError(
@@ -174,6 +178,11 @@ class XModalTextConfig(PreTrainedConfig):
             linearly to `drop_path_rate` at the last; 0, the default, disables it). A caption's branch is dropped
             as a whole, also when the tower skips the padding.
         pad_token_id (`int`): id of the padding token.
+        embedding_layernorm (`bool`): the LayerNorm after the summed embeddings, as in BERT (default); off in
+            CLIP's text tower.
+        is_causal (`bool`): causal self-attention (each token attends to itself and the tokens before it), as in
+            CLIP's text tower, where the last token ([EOS], `text_pooling="eos"`) sums up the caption; off (BERT's
+            bidirectional attention) by default.
     """
 
     model_type: ClassVar[str] = "xmodal_text_model"
@@ -193,12 +202,15 @@ class XModalTextConfig(PreTrainedConfig):
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
+    embedding_layernorm: bool = True
+    is_causal: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_dtype(self)
         super().__post_init__(**kwargs)
         _check_transformer_dims(self)
         _check_probability(self, "drop_path_rate")
+        _check_bool(self, "embedding_layernorm", "is_causal")
         _check_positive_int(self, "vocab_size", "max_position_embeddings")
         _check_positive_int(self, "type_vocab_size", allow_zero=True)
         if self.pad_token_id is not None and (
@@ -365,7 +377,8 @@ class XModalConfig(PreTrainedConfig):
         logit_scale_init_value (`float`): initial value of the learnable log inverse temperature,
             ln(1/0.07) as in CLIP.
         max_logit_scale (`float`): upper clamp of exp(logit_scale) (100 in CLIP).
-        vision_pooling, text_pooling (`str`): `"cls"` (first token) or `"mean"` (masked mean of tokens).
+        vision_pooling, text_pooling (`str`): `"cls"` (first token) or `"mean"` (masked mean of tokens); for text
+            also `"eos"`, the last non-padding token (CLIP's [EOS] pooling, for a causal text tower).
         decoder_config (`dict` or `XModalDecoderConfig`, *optional*): the captioning decoder; by default as wide
             and deep as the fusion module, over the text tower's vocabulary (a dict overrides only what it names).
         *_loss_weight (`float`): weights of the pretraining objectives in [`XModalForPreTraining`]: contrastive,
@@ -506,9 +519,10 @@ class XModalConfig(PreTrainedConfig):
                 f"XModalConfig.max_logit_scale must be a finite positive number, got {self.max_logit_scale!r}."
             )
         for field in ("vision_pooling", "text_pooling"):
-            if getattr(self, field) not in POOLING_MODES:
+            modes = POOLING_MODES if field == "text_pooling" else tuple(m for m in POOLING_MODES if m != "eos")
+            if getattr(self, field) not in modes:
                 raise ValueError(
-                    f"XModalConfig.{field} {getattr(self, field)!r} is unknown; accepted: {', '.join(POOLING_MODES)}."
+                    f"XModalConfig.{field} {getattr(self, field)!r} is unknown; accepted: {', '.join(modes)}."
                 )
         if self.contrastive_loss_type not in CONTRASTIVE_LOSS_TYPES:
             raise ValueError(

@@ -25,6 +25,7 @@ BUNDLE_MODULES: dict[str, str] = {
     "outputs": "xmodal.outputs",
     "losses": "xmodal.losses",
     "layers": "xmodal.layers",
+    "conversion": "xmodal.conversion",
     "towers": "xmodal.towers",
     "heads": "xmodal.heads",
     "modeling_base": "xmodal.modeling_base",

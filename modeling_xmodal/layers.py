@@ -354,12 +354,16 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
 
 class XModalEncoder(nn.Module):
     """A stack of `num_hidden_layers` [`XModalEncoderLayer`] blocks, with stochastic depth rising linearly from 0 at
-    the first block to `config.drop_path_rate` (when the config has one) at the last."""
+    the first block to `config.drop_path_rate` (when the config has one) at the last, and causal self-attention
+    when `config.is_causal` is set (uncached: the whole sequence at once)."""
 
     def __init__(self, config: PreTrainedConfig) -> None:
         super().__init__()
         rates = _drop_path_rates(getattr(config, "drop_path_rate", 0.0), config.num_hidden_layers)
-        self.layers = nn.ModuleList([XModalEncoderLayer(config, drop_path_rate=rate) for rate in rates])
+        is_causal = getattr(config, "is_causal", False)
+        self.layers = nn.ModuleList(
+            [XModalEncoderLayer(config, is_causal=is_causal, drop_path_rate=rate) for rate in rates]
+        )
 
     def forward(
         self,

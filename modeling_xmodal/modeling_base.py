@@ -32,6 +32,7 @@ from xmodal.checks import (
     _weights_source,
 )
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalTextConfig, XModalVisionConfig
+from xmodal.conversion import clip_to_xmodal_config, clip_to_xmodal_state_dict
 from xmodal.heads import XModalFusionModel, XModalITMHead, XModalMIMDecoder, XModalMLMHead, XModalMomentumEncoder
 from xmodal.losses import contrastive_loss, siglip_loss
 from xmodal.outputs import XModalFusionOutput, XModalOutput
@@ -557,6 +558,40 @@ class XModalModel(XModalPreTrainedModel):
             if unexpected:
                 logger.info(f"Ignored {len(unexpected)} unused weights of the pretrained {name}: {unexpected[:5]}")
         return model
+
+    @classmethod
+    def from_clip(cls, clip_model_name_or_path: str | PreTrainedModel, **config_overrides: Any) -> XModalModel:
+        r"""Builds an xmodal model from a transformers `CLIPModel`: both towers, both projections and the temperature
+        are CLIP's, converted into xmodal's built-in towers (with CLIP's image pre-LayerNorm, causal text attention
+        and [EOS] pooling, see `xmodal.conversion`), so the image and text embeddings are CLIP's; the fusion module
+        and the heads of `cls` are newly initialised.
+
+        Args:
+            clip_model_name_or_path: a folder, Hub id or instance of a `CLIPModel`.
+            **config_overrides: fields of [`XModalConfig`] for the new parts (`cross_config`, loss weights, ...); a
+                `vision_config`/`text_config` dict updates the converted tower configs (e.g. dropout).
+
+        Text inputs must be what CLIP's tokenizer gives: right-padded, the [EOS] token last; use CLIP's tokenizer in
+        an [`XModalProcessor`] (with CLIP's image mean and std) to keep CLIP's preprocessing.
+
+        Raises:
+            ValueError: the model is not a CLIPModel, or its weights do not map onto the towers (a changed layout).
+        """
+        clip = (
+            clip_model_name_or_path
+            if isinstance(clip_model_name_or_path, nn.Module)
+            else AutoModel.from_pretrained(clip_model_name_or_path)
+        )
+        model = cls(clip_to_xmodal_config(clip.config, **config_overrides))
+        missing, unexpected = model.load_state_dict(clip_to_xmodal_state_dict(clip.state_dict()), strict=False)
+        converted = ("vision_model.", "text_model.", "visual_projection.", "text_projection.", "logit_scale")
+        not_loaded = [name for name in missing if name.startswith(converted)]
+        if unexpected or not_loaded:
+            raise ValueError(
+                f"The CLIPModel's weights do not map onto xmodal's towers: unused {unexpected[:5]}, missing "
+                f"{not_loaded[:5]}."
+            )
+        return model.eval()
 
 
 def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrainedModel | nn.Module:

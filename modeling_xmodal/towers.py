@@ -16,7 +16,7 @@ from transformers import AutoModel, PreTrainedConfig
 from transformers.modeling_outputs import BaseModelOutput
 
 from xmodal.configuration.configuration_xmodal import XModalTextConfig, XModalVisionConfig
-from xmodal.layers import XModalEncoder, _additive_padding_mask, _keep_visible, _TokenPacking
+from xmodal.layers import XModalEncoder, _additive_padding_mask, _causal_mask, _keep_visible, _TokenPacking
 
 
 class XModalVisionEmbeddings(nn.Module):
@@ -93,12 +93,15 @@ class XModalVisionEmbeddings(nn.Module):
 
 class XModalVisionTransformer(nn.Module):
     """The built-in ViT image tower: `pixel_values` `(B, C, H, W)` -> tokens `(B, 1 + num_patches, D)`, final
-    LayerNorm applied."""
+    LayerNorm applied (and, with `config.pre_layernorm`, one on the embeddings, as in CLIP)."""
 
     def __init__(self, config: XModalVisionConfig) -> None:
         super().__init__()
         self.config = config
         self.embeddings = XModalVisionEmbeddings(config)
+        self.pre_layernorm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
+        )
         self.encoder = XModalEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -112,13 +115,16 @@ class XModalVisionTransformer(nn.Module):
         hidden_states = self.embeddings(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
         )
+        if self.pre_layernorm is not None:
+            hidden_states = self.pre_layernorm(hidden_states)
         outputs = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
         outputs.last_hidden_state = self.post_layernorm(outputs.last_hidden_state)
         return outputs
 
 
 class XModalTextEmbeddings(nn.Module):
-    """Word + position (+ token type) embeddings, LayerNorm and dropout, as in BERT: `(B, L)` -> `(B, L, D)`."""
+    """Word + position (+ token type) embeddings, LayerNorm (unless `config.embedding_layernorm` is off, as in CLIP)
+    and dropout, as in BERT: `(B, L)` -> `(B, L, D)`."""
 
     def __init__(self, config: XModalTextConfig) -> None:
         super().__init__()
@@ -128,7 +134,9 @@ class XModalTextEmbeddings(nn.Module):
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
         )
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.embedding_layernorm else None
+        )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -187,12 +195,15 @@ class XModalTextEmbeddings(nn.Module):
                 if token_type_ids is not None
                 else self.token_type_embeddings.weight[0]
             )
-        return self.dropout(self.layer_norm(embeddings))
+        if self.layer_norm is not None:
+            embeddings = self.layer_norm(embeddings)
+        return self.dropout(embeddings)
 
 
 class XModalTextTransformer(nn.Module):
     """The built-in BERT-style bidirectional text tower: `input_ids` `(B, L)` (or word embeddings `inputs_embeds`
-    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm.
+    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm. With
+    `config.is_causal` the self-attention is causal, as in CLIP's text tower.
 
     On CPU a padded batch runs unpadded: the projections, MLPs and LayerNorms see only the real tokens (see
     `_TokenPacking`), so padding costs no compute outside attention; the outputs at padding positions are zeros.
@@ -229,10 +240,14 @@ class XModalTextTransformer(nn.Module):
         hidden_states = self.embeddings(
             input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
         )
-        mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
+        if self.config.is_causal:
+            length = hidden_states.shape[1]
+            mask = _causal_mask(attention_mask, length, 0, hidden_states.dtype, hidden_states.device)
+        else:
+            mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
         packing = None
         skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
-        if mask is not None and skip and not torch.compiler.is_compiling():
+        if mask is not None and attention_mask is not None and skip and not torch.compiler.is_compiling():
             packing = _TokenPacking.from_mask(attention_mask)
             hidden_states = packing.unpad(hidden_states)  # (N, D)
         outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states, packing=packing)
@@ -272,10 +287,17 @@ def _build_tower(
 def _pool(
     hidden_states: torch.Tensor, mode: str, attention_mask: torch.Tensor | None = None, is_image: bool = False
 ) -> torch.Tensor:
-    """`(B, L, D)` -> `(B, D)`: the first ([CLS]) token, or the mean of the tokens: the patches for images (the
-    [CLS] token excluded, as in MAE), the non-padding tokens for text."""
+    """`(B, L, D)` -> `(B, D)`: the first ([CLS]) token; the last non-padding token (`"eos"`, text only: CLIP's
+    [EOS] with right padding, the last position with left padding); or the mean of the tokens: the patches for
+    images (the [CLS] token excluded, as in MAE), the non-padding tokens for text."""
     if mode == "cls":
         return hidden_states[:, 0]
+    if mode == "eos":
+        length = hidden_states.shape[1]
+        if attention_mask is None:
+            return hidden_states[:, -1]
+        last = length - 1 - attention_mask.flip(1).to(torch.int64).argmax(dim=1)  # (B,) the last 1 of each row
+        return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
     if is_image:
         hidden_states = hidden_states[:, 1:]
     if attention_mask is None:

