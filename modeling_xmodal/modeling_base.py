@@ -493,36 +493,49 @@ class XModalModel(XModalPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
     ) -> XModalOutput:
-        r"""Image-text similarities of every image against every text.
+        r"""Image-text similarities of every image against every text; with one modality alone, its embeddings.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`).
-            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`).
+            input_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`, *optional*).
+            pixel_values (`torch.FloatTensor` of shape `(image_batch_size, num_channels, height, width)`, *optional*).
             attention_mask (`torch.Tensor` of shape `(text_batch_size, sequence_length)`, *optional*).
             token_type_ids, position_ids (`torch.LongTensor` of shape `(text_batch_size, sequence_length)`, *optional*).
-            return_loss (`bool`, *optional*): compute the symmetric InfoNCE loss (needs equal batch sizes, pair i
-                being image i with text i).
+            return_loss (`bool`, *optional*): compute the symmetric InfoNCE loss (needs both modalities and equal
+                batch sizes, pair i being image i with text i).
             interpolate_pos_encoding (`bool`): accept images of another resolution.
 
         Returns:
-            [`XModalOutput`].
+            [`XModalOutput`]. Given only `pixel_values` (or only text), the output holds that modality's normalised
+            embeddings and tower output, and no logits: this is what the `image-feature-extraction` and
+            `feature-extraction` pipelines call (their `[0]` is then `image_embeds` / `text_embeds`).
         """
         if output_hidden_states is None:
             output_hidden_states = bool(self.config.output_hidden_states)
-        vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
-        text_outputs = self.get_text_features(
-            input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
-        )
-        image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
-        text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
-        logits_per_text = self.logits(image_embeds, text_embeds)
-        loss = None
+        has_text = input_ids is not None
+        if pixel_values is None and not has_text:
+            raise ValueError(
+                "Give pixel_values (a float tensor of shape (batch_size, 3, height, width)), input_ids (an integer "
+                "tensor of shape (batch_size, sequence_length)) or both."
+            )
+        if return_loss and (pixel_values is None or not has_text):
+            raise ValueError("return_loss=True needs both pixel_values and input_ids (pair i: image i, text i).")
+        vision_outputs = text_outputs = image_embeds = text_embeds = logits_per_text = loss = None
+        if pixel_values is not None:
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
+            image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
+        if has_text:
+            text_outputs = self.get_text_features(
+                input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
+            )
+            text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        if image_embeds is not None and text_embeds is not None:
+            logits_per_text = self.logits(image_embeds, text_embeds)
         if return_loss:
             _check_pairs(logits_per_text)
             loss = self.contrastive_objective(logits_per_text)
         return XModalOutput(
             loss=loss,
-            logits_per_image=logits_per_text.t(),
+            logits_per_image=logits_per_text.t() if logits_per_text is not None else None,
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
             image_embeds=image_embeds,

@@ -324,6 +324,7 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        token_type_ids: torch.LongTensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         r"""Captions (or answers, with a question prompt in `input_ids`) for a batch of images. The image is encoded
@@ -332,7 +333,10 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
             input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*): a prompt starting
-                with the BOS id (default: BOS alone); left-pad prompts of different lengths.
+                with the BOS id (default: BOS alone); left-pad prompts of different lengths. A prompt as the
+                processor tokenizes it, ending with the EOS ([SEP]) token in every row, is continued after its last
+                word (the final EOS is dropped): this is how the `image-text-to-text` pipeline calls it.
+            token_type_ids: accepted because the processor returns them, and ignored (the decoder has no segments).
             **generate_kwargs: passed to `GenerationMixin.generate` (`max_new_tokens`, `num_beams`, `do_sample`, ...).
 
         Returns:
@@ -347,6 +351,9 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
             input_ids = torch.full((batch_size, 1), bos, dtype=torch.long, device=image.device)
         elif input_ids.shape[0] != batch_size:
             raise ValueError(f"Got {input_ids.shape[0]} prompts for {batch_size} images; pass one prompt per image.")
+        elif input_ids.shape[1] > 1 and bool((input_ids[:, -1] == self.generation_config.eos_token_id).all()):
+            input_ids = input_ids[:, :-1]
+            attention_mask = attention_mask[:, :-1] if attention_mask is not None else None
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         outputs = super().generate(

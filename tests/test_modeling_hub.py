@@ -292,3 +292,70 @@ def test_every_head_loads_from_the_bundle_without_xmodal(tmp_path):
     assert torch.equal(remote["mlm_loss"], mlm_loss)
     assert torch.equal(remote["vqa_logits"], vqa_logits)
     assert torch.equal(remote["captions"], captions)
+
+
+_PIPELINES_SCRIPT = _BLOCK_XMODAL + textwrap.dedent(
+    """
+
+    import json
+    from PIL import Image
+    from transformers import pipeline
+
+    folder, out_path = sys.argv[1], sys.argv[2]
+    image = Image.new("RGB", (20, 24), (255, 0, 0))
+    results = {
+        "image-feature-extraction": pipeline("image-feature-extraction", model=folder, trust_remote_code=True)(image),
+        "feature-extraction": pipeline("feature-extraction", model=folder, trust_remote_code=True)("a red circle"),
+    }
+    captioner = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    results["caption"] = captioner(images=image, text="", max_new_tokens=6)[0]["generated_text"]
+    results["continued"] = captioner(images=image, text="a red", max_new_tokens=6)[0]["generated_text"]
+    results["image-to-text"] = pipeline("image-to-text", model=folder, trust_remote_code=True)(
+        image, text="", max_new_tokens=6
+    )[0]["generated_text"]
+    assert "xmodal" not in sys.modules
+    with open(out_path, "w") as handle:
+        json.dump(results, handle)
+    print("PIPELINES-OK")
+    """
+)
+
+
+def test_pipelines_on_the_bundle_without_xmodal(tmp_path):
+    """Every transformers 5 pipeline task that fits an xmodal checkpoint, in a process without xmodal: embeddings
+    (`image-feature-extraction`, `feature-extraction`) equal the model's, and captions (`image-text-to-text`, and
+    `image-to-text`, its alias in transformers 5) equal `generate`'s. (`visual-question-answering` is no pipeline
+    task in transformers 5: ask the question as the `image-text-to-text` prompt, or call
+    XModalForVisualQuestionAnswering.)"""
+    from conftest import XModalModelTester
+
+    from xmodal import XModalForConditionalGeneration, XModalForPreTraining
+
+    folder = tmp_path / "bundle"
+    tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=60, model_max_length=16)
+    tester = XModalModelTester(vocab_size=len(tokenizer))
+    text = {"vocab_size": len(tokenizer), "max_position_embeddings": 32, "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    XModalForPreTraining(
+        tester.get_config(text_config=text, decoder_config={"vocab_size": len(tokenizer)})
+    ).save_pretrained(folder)
+    processor = XModalProcessor(XModalImageProcessor(size={"height": 16, "width": 16}), tokenizer)
+    processor.save_pretrained(folder)
+    out_path = tmp_path / "pipelines.json"
+    assert "PIPELINES-OK" in _run_without_xmodal(_PIPELINES_SCRIPT, folder, out_path, tmp_path)
+    remote = json.loads(out_path.read_text())
+
+    image = Image.new("RGB", (20, 24), (255, 0, 0))
+    model = XModalModel.from_pretrained(folder).eval()
+    captioner = XModalForConditionalGeneration.from_pretrained(folder).eval()
+    with torch.no_grad():
+        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+        image_embeds = model(pixel_values=pixel_values).image_embeds
+        text_embeds = model(**processor(text="a red circle", return_tensors="pt")).text_embeds
+        caption = captioner.generate(pixel_values=pixel_values, max_new_tokens=6)
+        prompt = processor(text="a red", return_tensors="pt")["input_ids"][:, :-1]  # without its [SEP]
+        continued = captioner.generate(pixel_values=pixel_values, input_ids=prompt, max_new_tokens=6)
+    np.testing.assert_allclose(remote["image-feature-extraction"], image_embeds.numpy(), atol=1e-6)
+    np.testing.assert_allclose(remote["feature-extraction"], text_embeds.numpy(), atol=1e-6)
+    assert remote["caption"] == remote["image-to-text"] == tokenizer.decode(caption[0], skip_special_tokens=True)
+    assert remote["continued"] == tokenizer.decode(continued[0], skip_special_tokens=True)

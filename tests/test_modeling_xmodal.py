@@ -200,8 +200,28 @@ def test_input_errors_are_clear(tester):
         model.get_text_features(input_ids=torch.ones(1, 40, dtype=torch.long))
     with pytest.raises(ValueError, match="as many texts as images"):
         model(**{**inputs, "pixel_values": inputs["pixel_values"][:2]}, return_loss=True)
-    with pytest.raises(ValueError, match="input_ids is required"):
-        model(pixel_values=inputs["pixel_values"])
+    with pytest.raises(ValueError, match="Give pixel_values .*, input_ids .* or both"):
+        model()
+    with pytest.raises(ValueError, match="return_loss=True needs both pixel_values and input_ids"):
+        model(pixel_values=inputs["pixel_values"], return_loss=True)
+
+
+def test_one_modality_alone_gives_its_embeddings(tester):
+    """What the image-feature-extraction and feature-extraction pipelines call: `output[0]` is the embeddings."""
+    model = XModalModel(tester.get_config()).eval()
+    inputs = tester.get_inputs()
+    texts = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        both = model(**inputs)
+        image_only = model(pixel_values=inputs["pixel_values"])
+        text_only = model(**texts)
+    assert image_only.logits_per_image is None and image_only.text_embeds is None
+    assert text_only.logits_per_text is None and text_only.image_embeds is None
+    torch.testing.assert_close(image_only[0], both.image_embeds)
+    torch.testing.assert_close(text_only[0], both.text_embeds)
+    torch.testing.assert_close(
+        image_only.vision_model_output.last_hidden_state, both.vision_model_output.last_hidden_state
+    )
 
 
 def test_images_against_a_different_number_of_texts(tester):
