@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,45 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(tmp_path, 
     # evaluation is sharded over the two processes and gathered: the same figures
     for key in ("test_text_to_image_R@1", "test_image_to_text_mean_rank", "test_zero_shot_top1"):
         assert theirs[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def _launch_two(script: Path, arguments: dict) -> None:
+    """`accelerate launch` of the pretraining script on 2 CPU processes (gloo)."""
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(arguments)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="the accelerate launcher is not installed next to this Python")
+def test_a_two_process_run_resumes_from_its_checkpoint_like_an_uninterrupted_one(tmp_path):
+    """2 processes with the momentum queue, a checkpoint at step 3 of 6: resumed on 2 processes from that checkpoint,
+    the run ends with the uninterrupted run's losses and weights (model, queue and RNG states restored per process)."""
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT)
+    run = {
+        **RUN,
+        "queue_size": 32,
+        "batch_size": 8,
+        "save_steps": 3,
+        "save_total_limit": 0,
+        "tokenizer": str(Path(__file__).resolve().parents[1] / "training" / "assets" / "demo-tokenizer"),
+    }
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _launch_two(script, {**run, "output_dir": str(full)})
+    shutil.copytree(full, resumed)
+    # what a crash after the step-3 checkpoint leaves: no later checkpoint, no final model
+    shutil.rmtree(resumed / "checkpoints" / "step-000006")
+    for name in ("model.safetensors", "metrics.json"):
+        (resumed / name).unlink()
+    _launch_two(script, {**run, "output_dir": str(resumed), "resume": True})
+
+    ours, theirs = json.loads((full / "metrics.json").read_text()), json.loads((resumed / "metrics.json").read_text())
+    assert theirs["resumed_from"].endswith("step-000003")
+    # the checkpoint carries the losses of steps 1-3, the resumed processes add steps 4-6
+    assert len(theirs["losses"]) == 6 and theirs["losses"] == pytest.approx(ours["losses"], abs=1e-6)
+    full_weights, resumed_weights = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert full_weights.keys() == resumed_weights.keys()
+    for name, value in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=1e-6, msg=name)
