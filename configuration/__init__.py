@@ -1,6 +1,7 @@
 """xmodal.configuration: the configuration classes and the shipped presets."""
 
 from .configuration_xmodal import (
+    TOWER_STYLES,
     XModalConfig,
     XModalCrossConfig,
     XModalDecoderConfig,
@@ -8,4 +9,11 @@ from .configuration_xmodal import (
     XModalVisionConfig,
 )
 
-__all__ = ["XModalConfig", "XModalCrossConfig", "XModalDecoderConfig", "XModalTextConfig", "XModalVisionConfig"]
+__all__ = [
+    "TOWER_STYLES",
+    "XModalConfig",
+    "XModalCrossConfig",
+    "XModalDecoderConfig",
+    "XModalTextConfig",
+    "XModalVisionConfig",
+]

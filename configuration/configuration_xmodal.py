@@ -20,6 +20,26 @@ from xmodal.hub import AUTO_MAP, reject_push_in_save, write_remote_code
 
 FUSION_DIRECTIONS = ("text_to_image", "image_to_text", "both")
 POOLING_MODES = ("cls", "mean", "eos")
+INITIALIZATIONS = ("normal", "clip")
+# Tower styles a preset can be built in (`XModalConfig.from_preset(name, tower_style=...)`, `--tower_style`): the
+# fields each sets over the preset. "bert" is the presets as shipped: BERT-style bidirectional text with an embedding
+# LayerNorm, mean pooling, N(0, 0.02) weights. "clip" is CLIP's towers (Radford et al. 2021): an image pre-LayerNorm,
+# [CLS] image pooling, causal text attention pooled at [EOS], no text embedding LayerNorm or token types, CLIP's
+# scaled initialisation (bench/RESULTS.md, "Tower style", measures the two).
+TOWER_STYLES: dict[str, dict[str, Any]] = {
+    "bert": {},
+    "clip": {
+        "vision_pooling": "cls",
+        "text_pooling": "eos",
+        "vision_config": {"pre_layernorm": True, "initialization": "clip"},
+        "text_config": {
+            "embedding_layernorm": False,
+            "is_causal": True,
+            "type_vocab_size": 0,
+            "initialization": "clip",
+        },
+    },
+}
 CONTRASTIVE_LOSS_TYPES = ("nt_xent", "siglip")
 MIM_SOURCES = ("image", "fused")
 ITM_SAMPLING = ("all", "half")
@@ -88,6 +108,14 @@ def _check_bool(config: PreTrainedConfig, *names: str) -> None:
             raise TypeError(f"{type(config).__name__}.{name} must be true or false, got {value!r}.")
 
 
+def _check_initialization(config: PreTrainedConfig) -> None:
+    if config.initialization not in INITIALIZATIONS:
+        raise ValueError(
+            f"{type(config).__name__}.initialization {config.initialization!r} is unknown; accepted: "
+            f"{', '.join(INITIALIZATIONS)}."
+        )
+
+
 def _check_transformer_dims(config: PreTrainedConfig) -> None:
     """Shared checks of every transformer stack: positive sizes, heads dividing the width, a known activation, a
     non-negative initialiser range."""
@@ -131,6 +159,10 @@ class XModalVisionConfig(PreTrainedConfig):
         initializer_range (`float`): std of the normal initialiser.
         pre_layernorm (`bool`): a LayerNorm on the embeddings before the first block, as CLIP's ViT has
             (`pre_layrnorm`, Radford et al. 2021); off by default.
+        initialization (`str`): `"normal"` (every weight N(0, initializer_range), BERT/ViT) or `"clip"` (CLIP's
+            scaled initialisation, as transformers' `CLIPPreTrainedModel`: attention inputs d^-0.5 (2L)^-0.5, outputs
+            d^-0.5, MLP inputs (2d)^-0.5, outputs d^-0.5 (2L)^-0.5, [CLS] embedding and the tower's projection
+            d^-0.5, for width d and depth L).
     """
 
     model_type: ClassVar[str] = "xmodal_vision_model"
@@ -150,6 +182,7 @@ class XModalVisionConfig(PreTrainedConfig):
     drop_path_rate: float = 0.0
     initializer_range: float = 0.02
     pre_layernorm: bool = False
+    initialization: str = "normal"
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_dtype(self)
@@ -157,6 +190,7 @@ class XModalVisionConfig(PreTrainedConfig):
         _check_transformer_dims(self)
         _check_probability(self, "drop_path_rate")
         _check_bool(self, "pre_layernorm")
+        _check_initialization(self)
         _check_positive_int(self, "num_channels", "image_size", "patch_size")
         if self.image_size % self.patch_size != 0:
             raise ValueError(
@@ -183,6 +217,7 @@ class XModalTextConfig(PreTrainedConfig):
         is_causal (`bool`): causal self-attention (each token attends to itself and the tokens before it), as in
             CLIP's text tower, where the last token ([EOS], `text_pooling="eos"`) sums up the caption; off (BERT's
             bidirectional attention) by default.
+        initialization (`str`): `"normal"` or `"clip"`, as in [`XModalVisionConfig`].
     """
 
     model_type: ClassVar[str] = "xmodal_text_model"
@@ -204,6 +239,7 @@ class XModalTextConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     embedding_layernorm: bool = True
     is_causal: bool = False
+    initialization: str = "normal"
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_dtype(self)
@@ -211,6 +247,7 @@ class XModalTextConfig(PreTrainedConfig):
         _check_transformer_dims(self)
         _check_probability(self, "drop_path_rate")
         _check_bool(self, "embedding_layernorm", "is_causal")
+        _check_initialization(self)
         _check_positive_int(self, "vocab_size", "max_position_embeddings")
         _check_positive_int(self, "type_vocab_size", allow_zero=True)
         if self.pad_token_id is not None and (
@@ -652,8 +689,9 @@ class XModalConfig(PreTrainedConfig):
         return sorted(name[: -len(".json")] for name in os.listdir(_PRESET_DIR) if name.endswith(".json"))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> XModalConfig:
-        """Builds a config from a shipped preset (`tiny`, `small`, `base`).
+    def from_preset(cls, name: str, tower_style: str = "bert", **overrides: Any) -> XModalConfig:
+        """Builds a config from a shipped preset (`tiny`, `small`, `base`) in a tower style (`TOWER_STYLES`: `"bert"`,
+        the preset as shipped, or `"clip"`, CLIP's towers at the preset's sizes).
 
         Keyword overrides replace top-level fields; a dict given for `vision_config`, `text_config` or
         `cross_config` updates only the keys it names, e.g.
@@ -662,13 +700,16 @@ class XModalConfig(PreTrainedConfig):
         presets = cls.available_presets()
         if name not in presets:
             raise ValueError(f"Unknown xmodal preset {name!r}; available presets: {', '.join(presets)}.")
+        if tower_style not in TOWER_STYLES:
+            raise ValueError(f"Unknown tower_style {tower_style!r}; accepted: {', '.join(TOWER_STYLES)}.")
         with open(os.path.join(_PRESET_DIR, f"{name}.json"), encoding="utf-8") as handle:
             values = json.load(handle)
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(values.get(key), dict):
-                values[key] = {**values[key], **value}
-            else:
-                values[key] = value
+        for layer in (TOWER_STYLES[tower_style], overrides):
+            for key, value in layer.items():
+                if isinstance(value, dict) and isinstance(values.get(key), dict):
+                    values[key] = {**values[key], **value}
+                else:
+                    values[key] = value
         return cls(**values)
 
     @classmethod
@@ -679,4 +720,11 @@ class XModalConfig(PreTrainedConfig):
         return cls(vision_config=copy.deepcopy(vision_config), text_config=copy.deepcopy(text_config), **kwargs)
 
 
-__all__ = ["XModalConfig", "XModalCrossConfig", "XModalDecoderConfig", "XModalTextConfig", "XModalVisionConfig"]
+__all__ = [
+    "TOWER_STYLES",
+    "XModalConfig",
+    "XModalCrossConfig",
+    "XModalDecoderConfig",
+    "XModalTextConfig",
+    "XModalVisionConfig",
+]

@@ -62,6 +62,7 @@ def clip_to_xmodal_config(clip_config: PreTrainedConfig, **config_overrides: Any
         pad_token_id=text.pad_token_id if text.pad_token_id is not None and text.pad_token_id < text.vocab_size else 0,
         embedding_layernorm=False,
         is_causal=True,
+        initialization="clip",
     )
     values: dict[str, Any] = {
         "vision_config": vision_config,

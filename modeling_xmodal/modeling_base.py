@@ -34,6 +34,7 @@ from xmodal.checks import (
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalTextConfig, XModalVisionConfig
 from xmodal.conversion import clip_to_xmodal_config, clip_to_xmodal_state_dict
 from xmodal.heads import XModalFusionModel, XModalITMHead, XModalMIMDecoder, XModalMLMHead, XModalMomentumEncoder
+from xmodal.layers import XModalAttention, XModalMLP
 from xmodal.losses import contrastive_loss, siglip_loss
 from xmodal.outputs import XModalFusionOutput, XModalOutput
 from xmodal.towers import XModalTextTransformer, XModalVisionEmbeddings, XModalVisionTransformer, _build_tower, _pool
@@ -168,6 +169,18 @@ class XModalPreTrainedModel(PreTrainedModel):
             init.zeros_(module.queue_ptr)
             init.zeros_(module.initialized)
         if isinstance(module, XModalModel):
+            # transformers initialises only modules that hold parameters themselves, children first: the towers'
+            # CLIP initialisation is applied here, after their layers (loaded tensors are flagged and kept)
+            for tower in (module.vision_model, module.text_model):
+                if isinstance(tower, (XModalVisionTransformer, XModalTextTransformer)):
+                    if tower.config.initialization == "clip":
+                        _clip_initialization(tower)
+            for projection, tower in (
+                (module.visual_projection, self.config.vision_config),
+                (module.text_projection, self.config.text_config),
+            ):
+                if getattr(tower, "initialization", "normal") == "clip":
+                    init.normal_(projection.weight, std=tower.hidden_size**-0.5)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
             if module.logit_bias is not None:
                 init.constant_(module.logit_bias, self.config.logit_bias_init_value)
@@ -605,6 +618,28 @@ class XModalModel(XModalPreTrainedModel):
                 f"{not_loaded[:5]}."
             )
         return model.eval()
+
+
+def _clip_initialization(tower: nn.Module) -> None:
+    """CLIP's scaled initialisation of a built-in tower (transformers' `CLIPPreTrainedModel._init_weights`, factor 1):
+    for width d and depth L, attention inputs N(0, d^-0.5 (2L)^-0.5), attention outputs N(0, d^-0.5), MLP inputs
+    N(0, (2d)^-0.5), MLP outputs N(0, d^-0.5 (2L)^-0.5), biases 0, the [CLS] embedding N(0, d^-0.5). Applied after
+    the tower's submodules, it replaces their N(0, initializer_range) draws."""
+    width, depth = tower.config.hidden_size, tower.config.num_hidden_layers
+    input_std = width**-0.5 * (2 * depth) ** -0.5
+    for module in tower.modules():
+        if isinstance(module, XModalAttention):
+            init.normal_(module.qkv_proj.weight, std=input_std)
+            init.normal_(module.out_proj.weight, std=width**-0.5)
+            init.zeros_(module.qkv_proj.bias)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, XModalMLP):
+            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5)
+            init.normal_(module.fc2.weight, std=input_std)
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
+        elif isinstance(module, XModalVisionEmbeddings):
+            init.normal_(module.class_embedding, std=width**-0.5)
 
 
 def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrainedModel | nn.Module:

@@ -125,3 +125,32 @@ def test_config_switches_are_checked() -> None:
         XModalConfig(text_config={"is_causal": "yes"})
     with pytest.raises(TypeError, match="XModalVisionConfig.pre_layernorm must be true or false"):
         XModalConfig(vision_config={"pre_layernorm": 1})
+
+
+def test_clip_initialization_scales_the_tower_weights_and_survives_a_reload(tmp_path) -> None:
+    clip_towers = {"initialization": "clip", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+    config = XModalConfig(vision_config=clip_towers, text_config=clip_towers, projection_dim=64)
+    torch.manual_seed(0)
+    model = XModalModel(config)
+    width, depth = 256, 4
+    layer = model.text_model.encoder.layers[1]
+    expected = {
+        layer.self_attn.qkv_proj.weight: width**-0.5 * (2 * depth) ** -0.5,
+        layer.self_attn.out_proj.weight: width**-0.5,
+        layer.mlp.fc1.weight: (2 * width) ** -0.5,
+        layer.mlp.fc2.weight: width**-0.5 * (2 * depth) ** -0.5,
+        model.visual_projection.weight: width**-0.5,
+        model.text_projection.weight: width**-0.5,
+    }
+    for weight, std in expected.items():
+        assert weight.std().item() == pytest.approx(std, rel=0.05)
+    assert float(layer.self_attn.qkv_proj.bias.detach().abs().max()) == 0.0
+    # the default stays N(0, 0.02)
+    normal = XModalModel(XModalConfig(vision_config={**clip_towers, "initialization": "normal"}, projection_dim=64))
+    assert normal.vision_model.encoder.layers[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    model.save_pretrained(tmp_path)
+    reloaded = XModalModel.from_pretrained(tmp_path)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="initialization 'xavier' is unknown; accepted: normal, clip"):
+        XModalConfig(text_config={"initialization": "xavier"})

@@ -369,6 +369,22 @@ def test_presets():
         XModalConfig.from_preset("huge")
 
 
+def test_clip_tower_style_is_clip_at_the_preset_sizes():
+    bert, clip = (
+        XModalConfig.from_preset("tiny"),
+        XModalConfig.from_preset("tiny", "clip", text_config={"vocab_size": 90}),
+    )
+    assert (clip.vision_config.hidden_size, clip.text_config.num_hidden_layers) == (256, 4)
+    assert (
+        clip.text_config.vocab_size == 90 and clip.text_config.is_causal and not clip.text_config.embedding_layernorm
+    )
+    assert clip.vision_config.pre_layernorm and (clip.vision_pooling, clip.text_pooling) == ("cls", "eos")
+    assert clip.vision_config.initialization == clip.text_config.initialization == "clip"
+    assert not bert.text_config.is_causal and bert.text_config.initialization == "normal"
+    with pytest.raises(ValueError, match="Unknown tower_style 'siglip'; accepted: bert, clip"):
+        XModalConfig.from_preset("tiny", "siglip")
+
+
 def test_config_round_trip(tmp_path):
     config = XModalConfig.from_preset("tiny", cross_config={"direction": "both"})
     config.save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ from xmodal.training.cli import COMMANDS, main
 from xmodal.training.inference.zero_shot import ZeroShotClassifier
 
 HELP_MENTIONS = {
-    "pretrain": ["--max_steps", "--objectives"],
+    "pretrain": ["--max_steps", "--objectives", "--tower_style", "--vision_tower"],
     "evaluate": ["--model", "--num_eval_examples"],
     "finetune": ["--task", "image-classification, vqa", "--gradient_accumulation_steps", "--dataset", "--max_steps"],
     "push": ["--folder", "--repo_id", "--private", "--revision", "--commit_message"],

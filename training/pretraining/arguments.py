@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from xmodal.configuration import TOWER_STYLES
 from xmodal.training.data.augmentations import HORIZONTAL_FLIP_MODES
 from xmodal.training.data.pipeline import DataArguments
 from xmodal.training.losses import LOSS_BALANCING
@@ -56,6 +57,13 @@ class PretrainArguments(DataArguments):
 
     output_dir: str = field(default="outputs/xmodal-tiny", metadata={"help": "Folder for the Hub-ready model."})
     preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small or base."})
+    tower_style: str = field(
+        default="bert",
+        metadata={
+            "help": "bert (the preset as shipped: bidirectional text, mean pooling) or clip (CLIP's towers: image "
+            "pre-LayerNorm, [CLS] pooling, causal text pooled at [EOS], CLIP's initialisation) at the preset's sizes."
+        },
+    )
     vocab_size: int = field(default=2048, metadata={"help": "WordPiece vocabulary trained on the captions."})
     tokenizer: str | None = field(
         default=None,
@@ -229,6 +237,8 @@ class PretrainArguments(DataArguments):
         super().__post_init__()
         parse_objectives(self.objectives)
         parse_report_to(self.report_to)
+        if self.tower_style not in TOWER_STYLES:
+            raise ValueError(f"--tower_style must be one of {', '.join(TOWER_STYLES)}, got {self.tower_style!r}.")
         if self.config_overrides is not None:
             try:
                 overrides = json.loads(self.config_overrides)

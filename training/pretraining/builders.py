@@ -34,7 +34,7 @@ def build_config(
 ) -> XModalConfig:
     """The preset (with `--config_overrides`) sized to the tokenizer, with the objectives' weights and special ids."""
     overrides: dict[str, Any] = json.loads(args.config_overrides) if args.config_overrides else {}
-    preset = XModalConfig.from_preset(args.preset, **overrides)
+    preset = XModalConfig.from_preset(args.preset, args.tower_style, **overrides)
     text_overrides = {
         "vocab_size": len(tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
@@ -60,7 +60,7 @@ def build_config(
     }
     if "vqa" in objectives:
         values["id2label"] = dict(enumerate(ANSWER_VOCAB))
-    return XModalConfig.from_preset(args.preset, **values)
+    return XModalConfig.from_preset(args.preset, args.tower_style, **values)
 
 
 def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> PairAugmentation | None:
