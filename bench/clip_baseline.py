@@ -11,12 +11,19 @@ xmodal's run, so only the model and the recipe differ.
     python bench/clip_baseline.py --max_time 6m            # the demo data: 8,000 synthetic scenes, 1,000 test scenes
     python bench/clip_baseline.py --max_time 10m --dataset ../shared/data/emoji-google --split_column emoji_split
 
+`--model xmodal` trains an `XModalModel` of the same preset (`--tower_style`, `--config_overrides`) in this very loop
+instead, so that only the model differs (bench/RESULTS.md, "Tower style"):
+
+    python bench/clip_baseline.py --max_steps 300 --batch_size 64 --warmup_steps 25 --image_size 48 --patch_size 16 \
+        --model xmodal --tower_style clip --tag xmodal_clip_style
+
 Writes `bench/results/clip_baseline[_<tag>].json` (`--tag`): the test retrieval metrics, steps, pairs/s, machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from typing import Any
 
@@ -26,7 +33,7 @@ from common import clip_config_like, machine, machine_line, publish
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, CLIPModel
 
-from xmodal import XModalConfig
+from xmodal import XModalConfig, XModalModel
 from xmodal.training.data.augmentations import ImageAugmentation, PairAugmentation
 from xmodal.training.data.collate import ImageTextCollator
 from xmodal.training.data.pipeline import DataArguments, load_pretraining_data
@@ -68,14 +75,25 @@ def train_clip(options: argparse.Namespace) -> dict[str, Any]:
     )
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer)
     vision = {"image_size": options.image_size, "patch_size": options.patch_size}
+    overrides = json.loads(options.config_overrides)
     config = XModalConfig.from_preset(
         options.preset,
-        text_config={"vocab_size": len(tokenizer)},
-        vision_config={name: value for name, value in vision.items() if value is not None},
+        options.tower_style,
+        **{
+            **overrides,
+            "text_config": {**overrides.get("text_config", {}), "vocab_size": len(tokenizer)},
+            "vision_config": {
+                **overrides.get("vision_config", {}),
+                **{name: value for name, value in vision.items() if value is not None},
+            },
+        },
     )
     data = load_pretraining_data(data_args, config.vision_config.image_size)
     processor = build_processor(tokenizer, config)
-    model = CLIPModel(clip_config_like(config, sequence_length=options.max_length))
+    if options.model == "xmodal":
+        model = XModalModel(config)
+    else:
+        model = CLIPModel(clip_config_like(config, sequence_length=options.max_length))
     augmentation = PairAugmentation(
         image=ImageAugmentation(
             crop_scale=(0.7, 1.0),
@@ -152,11 +170,16 @@ def main() -> None:
     parser.add_argument("--warmup_steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="Suffix of the result file.")
+    parser.add_argument(
+        "--model", choices=("clip", "xmodal"), default="clip", help="Train CLIPModel, or XModalModel in the same loop."
+    )
+    parser.add_argument("--tower_style", default="bert", help="With --model xmodal: the preset's tower style.")
+    parser.add_argument("--config_overrides", default="{}", help="JSON of XModalConfig fields over the preset.")
     options = parser.parse_args()
     result = {"machine": machine(), "options": vars(options), **train_clip(options)}
     recalls = " / ".join(f"{100 * result[f'test_text_to_image_R@{k}']:.1f}" for k in (1, 5, 10))
     markdown = (
-        f"CLIPModel baseline, {options.dataset}, {result['train_seconds']} s ({result['train_steps']} steps, "
+        f"{'CLIPModel baseline' if options.model == 'clip' else 'XModalModel in the baseline loop'}, {options.dataset}, {result['train_seconds']} s ({result['train_steps']} steps, "
         f"{result['pairs_per_s']} pairs/s): text->image R@1/5/10 = {recalls} %\n\n{machine_line(result['machine'])}\n"
     )
     publish(f"clip_baseline{'_' + options.tag if options.tag else ''}", result, markdown)
