@@ -86,10 +86,12 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(tmp_path, 
         assert theirs[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+DDP_CONFIG = Path(__file__).resolve().parents[1] / "docs" / "accelerate" / "ddp.yaml"
+
+
 def _launch_two(script: Path, arguments: dict) -> None:
-    """`accelerate launch` of the pretraining script on 2 CPU processes (gloo)."""
-    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(script), json.dumps(arguments)]
+    """`accelerate launch` of the pretraining script with the documented DDP config: 2 CPU processes (gloo) here."""
+    command = [ACCELERATE, "launch", "--config_file", str(DDP_CONFIG), str(script), json.dumps(arguments)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,3 +128,19 @@ def test_a_two_process_run_resumes_from_its_checkpoint_like_an_uninterrupted_one
     assert full_weights.keys() == resumed_weights.keys()
     for name, value in full_weights.items():
         torch.testing.assert_close(resumed_weights[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_documented_accelerate_configs_load():
+    """docs/accelerate/*.yaml are valid Accelerate configs (the DDP one is launched above; FSDP and DeepSpeed need
+    GPUs, and DeepSpeed its package, so only their parsing is checked on CPU)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    kinds = {
+        name: load_config_from_file(str(DDP_CONFIG.parent / f"{name}.yaml"))
+        for name in ("ddp", "fsdp", "deepspeed_zero2")
+    }
+    assert kinds["ddp"].distributed_type == DistributedType.MULTI_GPU
+    assert kinds["fsdp"].distributed_type == DistributedType.FSDP
+    assert kinds["fsdp"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "XModalEncoderLayer"
+    assert kinds["deepspeed_zero2"].distributed_type == DistributedType.DEEPSPEED
