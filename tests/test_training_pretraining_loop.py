@@ -165,6 +165,17 @@ def test_objectives_flag_is_validated():
         PretrainArguments(config_overrides="{not json")
 
 
+def test_tower_style_default_follows_the_objectives():
+    # CLIP's towers where they were measured to win; BERT's where masked tokens need the text to their right
+    assert PretrainArguments().tower_style == "clip"
+    assert PretrainArguments(objectives="contrastive,itm,captioning").tower_style == "clip"
+    assert PretrainArguments(objectives="all").tower_style == "bert"
+    assert PretrainArguments(text_tower="some/bert").tower_style == "bert"
+    assert PretrainArguments(objectives="all", tower_style="clip").tower_style == "clip"
+    with pytest.raises(ValueError, match="--tower_style must be one of bert, clip, got 'vit'"):
+        PretrainArguments(tower_style="vit")
+
+
 def test_collator_draws_a_question_with_its_answer_index_and_a_second_view():
     from xmodal.processing import train_tokenizer
     from xmodal.training import ImageTextCollator, TextAugmentation, build_processor

@@ -57,11 +57,13 @@ class PretrainArguments(DataArguments):
 
     output_dir: str = field(default="outputs/xmodal-tiny", metadata={"help": "Folder for the Hub-ready model."})
     preset: str = field(default="tiny", metadata={"help": "Model size preset: tiny, small or base."})
-    tower_style: str = field(
-        default="bert",
+    tower_style: str | None = field(
+        default=None,
         metadata={
             "help": "bert (the preset as shipped: bidirectional text, mean pooling) or clip (CLIP's towers: image "
-            "pre-LayerNorm, [CLS] pooling, causal text pooled at [EOS], CLIP's initialisation) at the preset's sizes."
+            "pre-LayerNorm, [CLS] pooling, causal text pooled at [EOS], CLIP's initialisation) at the preset's sizes. "
+            "Default: clip; bert when the objectives include mlm (masked tokens need the text to their right) or with "
+            "--text_tower (a pretrained bidirectional tower keeps its mean pooling)."
         },
     )
     vocab_size: int = field(default=2048, metadata={"help": "WordPiece vocabulary trained on the captions."})
@@ -235,8 +237,11 @@ class PretrainArguments(DataArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_objectives(self.objectives)
+        objectives = parse_objectives(self.objectives)
         parse_report_to(self.report_to)
+        if self.tower_style is None:
+            # measured in bench/RESULTS.md ("Tower style"): clip beats bert contrastively; MLM needs bidirectional text
+            self.tower_style = "bert" if "mlm" in objectives or self.text_tower else "clip"
         if self.tower_style not in TOWER_STYLES:
             raise ValueError(f"--tower_style must be one of {', '.join(TOWER_STYLES)}, got {self.tower_style!r}.")
         if self.config_overrides is not None:
