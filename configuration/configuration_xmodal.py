@@ -108,6 +108,18 @@ def _check_bool(config: PreTrainedConfig, *names: str) -> None:
             raise TypeError(f"{type(config).__name__}.{name} must be true or false, got {value!r}.")
 
 
+def merge_config_fields(values: dict[str, Any], *layers: dict[str, Any]) -> dict[str, Any]:
+    """`values` (XModalConfig fields) with each layer applied in turn: a dict given for a sub-config
+    (`vision_config`, `text_config`, ...) updates only the keys it names; any other field is replaced."""
+    merged = dict(values)
+    for layer in layers:
+        for key, value in layer.items():
+            merged[key] = (
+                {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+            )
+    return merged
+
+
 def _check_initialization(config: PreTrainedConfig) -> None:
     if config.initialization not in INITIALIZATIONS:
         raise ValueError(
@@ -704,13 +716,7 @@ class XModalConfig(PreTrainedConfig):
             raise ValueError(f"Unknown tower_style {tower_style!r}; accepted: {', '.join(TOWER_STYLES)}.")
         with open(os.path.join(_PRESET_DIR, f"{name}.json"), encoding="utf-8") as handle:
             values = json.load(handle)
-        for layer in (TOWER_STYLES[tower_style], overrides):
-            for key, value in layer.items():
-                if isinstance(value, dict) and isinstance(values.get(key), dict):
-                    values[key] = {**values[key], **value}
-                else:
-                    values[key] = value
-        return cls(**values)
+        return cls(**merge_config_fields(values, TOWER_STYLES[tower_style], overrides))
 
     @classmethod
     def from_vision_text_configs(

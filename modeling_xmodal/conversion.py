@@ -1,9 +1,9 @@
 """Conversion of a transformers `CLIPModel` into xmodal's built-in towers (`XModalModel.from_clip`): the config
 that reproduces CLIP's architecture and the mapping of its weights.
 
-CLIP's towers are xmodal's with three switches set: a LayerNorm on the image embeddings (`pre_layernorm`), no
-LayerNorm on the text embeddings (`embedding_layernorm=False`) and causal text attention pooled at the [EOS] token
-(`is_causal=True`, `text_pooling="eos"`). The separate q/k/v projections become one fused `qkv_proj`.
+CLIP's towers are xmodal's in the `"clip"` tower style (`TOWER_STYLES`): a LayerNorm on the image embeddings
+(`pre_layernorm`), no LayerNorm on the text embeddings (`embedding_layernorm=False`), causal text attention pooled at
+the [EOS] token (`is_causal=True`, `text_pooling="eos"`). The separate q/k/v projections become one fused `qkv_proj`.
 
 This file is part of the remote-code bundle pushed to the Hub: it imports only the standard library, torch,
 transformers, safetensors and its siblings.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig
 
-from xmodal.configuration.configuration_xmodal import XModalConfig
+from xmodal.configuration.configuration_xmodal import TOWER_STYLES, XModalConfig, merge_config_fields
 
 _TOWER_FIELDS = (
     "hidden_size",
@@ -40,44 +40,29 @@ _QKV = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
 
 
 def clip_to_xmodal_config(clip_config: PreTrainedConfig, **config_overrides: Any) -> XModalConfig:
-    """The `XModalConfig` whose built-in towers compute what a `CLIPConfig`'s towers compute: equal sizes, activation
-    (`quick_gelu`), LayerNorm epsilon, vocabulary, positions, image and patch size, projection dimension and initial
-    temperature; a fusion module (and any head) of the xmodal defaults, or as `config_overrides` say."""
+    """The `XModalConfig` whose built-in towers compute what a `CLIPConfig`'s towers compute: the `"clip"` tower style
+    (`TOWER_STYLES`) at CLIP's sizes, activation (`quick_gelu`), LayerNorm epsilon, vocabulary, positions, image and
+    patch size, projection dimension and initial temperature; a fusion module (and any head) of the xmodal defaults,
+    or as `config_overrides` say."""
     if getattr(clip_config, "model_type", None) != "clip":
         raise ValueError(f"from_clip needs a CLIPModel (model_type 'clip'), got {clip_config.model_type!r}.")
     vision, text = clip_config.vision_config, clip_config.text_config
     vision_config = {name: getattr(vision, name) for name in _TOWER_FIELDS}
-    vision_config.update(
-        num_channels=vision.num_channels,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        pre_layernorm=True,
-    )
+    vision_config.update(num_channels=vision.num_channels, image_size=vision.image_size, patch_size=vision.patch_size)
     text_config = {name: getattr(text, name) for name in _TOWER_FIELDS}
     text_config.update(
         vocab_size=text.vocab_size,
         max_position_embeddings=text.max_position_embeddings,
-        type_vocab_size=0,
         hidden_dropout_prob=0.0,
         pad_token_id=text.pad_token_id if text.pad_token_id is not None and text.pad_token_id < text.vocab_size else 0,
-        embedding_layernorm=False,
-        is_causal=True,
-        initialization="clip",
     )
-    values: dict[str, Any] = {
+    sizes = {
         "vision_config": vision_config,
         "text_config": text_config,
         "projection_dim": clip_config.projection_dim,
         "logit_scale_init_value": clip_config.logit_scale_init_value,
-        "vision_pooling": "cls",
-        "text_pooling": "eos",
     }
-    for name, value in config_overrides.items():
-        if name in ("vision_config", "text_config") and isinstance(value, dict):
-            values[name] = {**values[name], **value}
-        else:
-            values[name] = value
-    return XModalConfig(**values)
+    return XModalConfig(**merge_config_fields(sizes, TOWER_STYLES["clip"], config_overrides))
 
 
 def clip_to_xmodal_state_dict(clip_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

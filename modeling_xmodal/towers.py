@@ -247,7 +247,7 @@ class XModalTextTransformer(nn.Module):
             mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
         packing = None
         skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
-        if mask is not None and attention_mask is not None and skip and not torch.compiler.is_compiling():
+        if mask is not None and skip and not torch.compiler.is_compiling():
             packing = _TokenPacking.from_mask(attention_mask)
             hidden_states = packing.unpad(hidden_states)  # (N, D)
         outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states, packing=packing)

@@ -77,6 +77,7 @@ def test_from_clip_builds_heads_and_takes_overrides(tmp_path) -> None:
     )
     assert model.config.cross_config.num_hidden_layers == 1 and model.config.text_config.drop_path_rate == 0.1
     assert model.config.text_config.is_causal and model.config.vision_config.pre_layernorm
+    assert model.config.vision_config.initialization == model.config.text_config.initialization == "clip"
     torch.testing.assert_close(model.visual_projection.weight, clip.visual_projection.weight)
     # the converted model saves and reloads like any other
     model.save_pretrained(tmp_path)
