@@ -32,6 +32,11 @@ RUN = {
     # distributed loss and gradients on the deterministic inputs.
     "augment": False,
     "text_column": "text",
+    # The weights of 1 and 2 processes are compared after AdamW, which turns float-rounding differences in
+    # (near-)zero gradients into steps of up to lr. The CLIP tower style has such parameters by construction (zero
+    # biases of the attention keys, whose gradient softmax cancels; rarely used embedding rows) and its weights then
+    # differ by up to ~1e-4 depending on the thread count; the BERT style's do not, so the test pins it.
+    "tower_style": "bert",
     "config_overrides": json.dumps(
         {
             "vision_config": {"num_hidden_layers": 1, "image_size": 32},
@@ -47,18 +52,6 @@ torch.set_num_threads(1)
 from xmodal.training import PretrainArguments, pretrain
 pretrain(PretrainArguments(**json.loads(sys.argv[1])))
 """
-
-
-def _without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
-    """A weight without the attention key bias. Adding `b_k` to every key shifts each query's logits by the same
-    `q . b_k`, which softmax cancels: its gradient is zero in exact arithmetic, so AdamW turns float rounding into steps
-    of up to lr there (different in 1 and 2 processes) that never change an output. Every other weight must agree."""
-    if name.endswith("qkv_proj.bias"):  # rows [q; k; v]
-        third = value.shape[0] // 3
-        return torch.cat([value[:third], value[2 * third :]])
-    if name.endswith("kv_proj.bias"):  # rows [k; v]
-        return value[value.shape[0] // 2 :]
-    return value
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="the accelerate launcher is not installed next to this Python")
@@ -92,13 +85,7 @@ def test_two_processes_train_like_one_process_with_the_combined_batch(tmp_path, 
     assert theirs["losses"] == pytest.approx(metrics["losses"], abs=1e-5)
     ours_weights, theirs_weights = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
     for name, value in ours_weights.items():
-        torch.testing.assert_close(
-            _without_key_bias(name, theirs_weights[name]),
-            _without_key_bias(name, value),
-            rtol=1e-4,
-            atol=1e-5,
-            msg=name,
-        )
+        torch.testing.assert_close(theirs_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
     # evaluation is sharded over the two processes and gathered: the same figures
     for key in ("test_text_to_image_R@1", "test_image_to_text_mean_rank", "test_zero_shot_top1"):
         assert theirs[key] == pytest.approx(metrics[key], abs=1e-6), key
