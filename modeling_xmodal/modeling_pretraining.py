@@ -6,7 +6,7 @@ transformers, safetensors and its siblings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,7 @@ from torch import nn
 from transformers.utils import can_return_tuple
 
 from xmodal.checks import _check_pairs, _check_ranges, _check_text_inputs, _text_id_ranges
-from xmodal.configuration.configuration_xmodal import XModalVisionConfig
+from xmodal.configuration.configuration_xmodal import LOSS_WEIGHT_FIELDS, XModalVisionConfig
 from xmodal.heads import (
     XModalITMHead,
     XModalMIMDecoder,
@@ -99,6 +99,25 @@ class XModalForPreTraining(XModalModel):
             for key, target in type(self)._tied_weights_keys.items()
             if getattr(self, key.split(".")[0]) is not None
         }
+
+    @property
+    def pretraining_objectives(self) -> tuple[str, ...]:
+        """The objectives this model trains (those with `config.<objective>_loss_weight > 0`), in config order."""
+        names = (field.removesuffix("_loss_weight") for field in LOSS_WEIGHT_FIELDS)
+        return tuple(name for name in names if getattr(self.config, f"{name}_loss_weight") > 0)
+
+    def _active_objectives(self, objectives: Collection[str] | None) -> set[str]:
+        """`forward`'s `objectives` checked against the configured ones (all of them when None)."""
+        configured = self.pretraining_objectives
+        if objectives is None:
+            return set(configured)
+        unknown = sorted(set(objectives) - set(configured))
+        if unknown or isinstance(objectives, str):
+            raise ValueError(
+                f"objectives must be a collection of this model's objectives {list(configured)} (those with a "
+                f"*_loss_weight > 0), got {objectives!r}."
+            )
+        return set(objectives)
 
     def _fuse_requests(
         self, image: torch.Tensor, requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
@@ -282,6 +301,7 @@ class XModalForPreTraining(XModalModel):
         contrastive_loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         global_batch: BatchGatherer | None = None,
         interpolate_pos_encoding: bool = False,
+        objectives: Collection[str] | None = None,
     ) -> XModalForPreTrainingOutput:
         r"""One multi-task pretraining step on image-text pairs (image i with text i).
 
@@ -310,11 +330,15 @@ class XModalForPreTraining(XModalModel):
             global_batch (*optional*): gathers tensors from every process ([`BatchGatherer`], e.g.
                 `xmodal.training.losses.GlobalBatch`), so that ITM negatives and the momentum queue's in-batch
                 negatives come from the global batch and the queue receives it; the local batch by default.
+            objectives (*optional*): the objectives whose losses this call computes, a subset of the configured ones
+                (`pretraining_objectives`); the others skip their compute and their heads get no gradient (e.g.
+                the auxiliary objectives on one step in N only, `xmodal pretrain --auxiliary_every N`). Default: all.
 
         Returns:
             [`XModalForPreTrainingOutput`].
         """
         config = self.config
+        active = self._active_objectives(objectives) if return_loss else set()
         global_batch = global_batch if global_batch is not None else _LocalBatch()
         checked = self._check_id_ranges(
             input_ids, attention_mask, token_type_ids, second_view_input_ids, second_view_attention_mask,
@@ -334,7 +358,7 @@ class XModalForPreTraining(XModalModel):
             return XModalForPreTrainingOutput(**outputs)
         _check_pairs(logits_per_text)
         losses: dict[str, torch.Tensor] = {}
-        if config.contrastive_loss_weight > 0 and contrastive_loss_fn is not None:
+        if "contrastive" in active and contrastive_loss_fn is not None:
             if (
                 self.momentum_encoder is not None
                 or second_view_pixel_values is not None
@@ -342,7 +366,7 @@ class XModalForPreTraining(XModalModel):
             ):
                 raise ValueError("contrastive_loss_fn cannot be combined with the momentum queue or second views.")
             losses["contrastive"] = contrastive_loss_fn(image_embeds, text_embeds, self.clamped_logit_scale())
-        elif config.contrastive_loss_weight > 0:
+        elif "contrastive" in active:
             losses["contrastive"] = self._contrastive(
                 image_embeds,
                 text_embeds,
@@ -362,7 +386,7 @@ class XModalForPreTraining(XModalModel):
         # With ITM, the fused images are the global batch's (its negatives may come from any process).
         requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
         images, batch_index = image, torch.arange(input_ids.shape[0], device=input_ids.device)
-        if self.itm_head is not None:
+        if "itm" in active:
             images, batch_index = global_batch.gather(image), batch_index + global_batch.rank * input_ids.shape[0]
             itm_texts, itm_masks, itm_index, itm_labels, itm_prior = _itm_inputs(
                 self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch
@@ -383,7 +407,7 @@ class XModalForPreTraining(XModalModel):
         decoder_input_ids, decoder_attention_mask, captioning_labels = (
             _rows(decoder_input_ids, rows), _rows(decoder_attention_mask, rows), _rows(captioning_labels, rows)
         )  # fmt: skip
-        if self.mlm_head is not None:
+        if "mlm" in active:
             if mlm_input_ids is None:
                 if special_tokens_mask is None:
                     special_ids = torch.tensor(
@@ -405,7 +429,7 @@ class XModalForPreTraining(XModalModel):
                 mlm_input_ids, aux_mask, aux_types, check_values=not checked
             ).last_hidden_state
             requests["mlm"] = (masked_text, aux_mask, aux_index)
-        if self.vqa_head is not None:
+        if "vqa" in active:
             if question_input_ids is None or vqa_labels is None:
                 raise ValueError(
                     f"vqa_loss_weight={config.vqa_loss_weight} needs question_input_ids and vqa_labels (one question "
@@ -416,10 +440,10 @@ class XModalForPreTraining(XModalModel):
             ).last_hidden_state
             requests["vqa"] = (question, question_attention_mask, aux_index)
         fused = self._fuse_requests(images, requests)
-        if self.itm_head is not None:
+        if "itm" in active:
             outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output, itm_prior)
             losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)
-        if self.mlm_head is not None:
+        if "mlm" in active:
             # the vocabulary projection only where there is a target; the targets' positions are the one host read
             selected = (mlm_labels.reshape(-1) != -100).nonzero().squeeze(1)
             tokens = fused["mlm"].text_last_hidden_state
@@ -427,10 +451,10 @@ class XModalForPreTraining(XModalModel):
             losses["mlm"] = masked_language_modeling_loss(
                 outputs["mlm_logits"], mlm_labels.reshape(-1).index_select(0, selected)
             )
-        if self.vqa_head is not None:
+        if "vqa" in active:
             outputs["vqa_logits"] = self.vqa_head(fused["vqa"].pooler_output)
             losses["vqa"] = vqa_loss(outputs["vqa_logits"], vqa_labels, check_values=not checked)
-        if self.mim_decoder is not None:
+        if "mim" in active:
             num_patches = image.shape[1] - 1
             if bool_masked_pos is None:
                 bool_masked_pos = random_patch_mask(
@@ -449,7 +473,7 @@ class XModalForPreTraining(XModalModel):
                 config.vision_config.patch_size,
                 config.mim_norm_pix_loss,
             )
-        if self.text_decoder is not None:
+        if "captioning" in active:
             if decoder_input_ids is None:
                 decoder_input_ids, decoder_attention_mask = aux_ids, aux_mask
             if captioning_labels is None:

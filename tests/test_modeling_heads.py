@@ -484,6 +484,39 @@ def test_disabled_objectives_cost_nothing(tester, weights, text_calls, vision_ca
     assert calls == {"text": 1, "vision": 1}
 
 
+def test_a_call_computes_only_the_objectives_asked_for(tester):
+    """`objectives=` (task sampling, `xmodal pretrain --auxiliary_every`): a contrastive-only call runs each tower
+    once, returns that loss alone (equal to the full call's), and leaves every other head without a gradient."""
+    model = build_head(tester, XModalForPreTraining).train()
+    assert model.pretraining_objectives == ("contrastive", "itm", "mlm", "mim", "captioning", "vqa")
+    inputs = head_inputs(XModalForPreTraining, tester, with_labels=True)
+    calls = {"text": 0, "vision": 0}
+    model.text_model.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    model.vision_model.register_forward_hook(lambda *_: calls.__setitem__("vision", calls["vision"] + 1))
+    full = model(**inputs)
+    calls.update(text=0, vision=0)
+    out = model(**inputs, objectives=["contrastive"])
+    assert calls == {"text": 1, "vision": 1}
+    assert [key for key in out.keys() if key.endswith("loss")] == ["loss", "contrastive_loss"]
+    torch.testing.assert_close(out.loss, full.contrastive_loss)
+    out.loss.backward()
+    tower_parameters = {id(p) for p in model.text_model.parameters()}  # the MLM decoder is tied to the embeddings
+    for name in ("itm_head", "mlm_head", "mim_decoder", "text_decoder", "vqa_head", "cross_model"):
+        head = [p for p in getattr(model, name).parameters() if id(p) not in tower_parameters]
+        assert head and all(p.grad is None for p in head), name
+    two = model(**inputs, objectives=("contrastive", "vqa"))
+    assert {key for key in two.keys() if key.endswith("_loss")} == {"contrastive_loss", "vqa_loss"}
+    # the question inputs are needed only when VQA is computed
+    without_questions = {k: v for k, v in inputs.items() if not k.startswith(("question_", "vqa_"))}
+    assert model(**without_questions, objectives=["contrastive", "itm"]).itm_loss is not None
+    for bad in (["contrastive", "retrieval"], "contrastive"):
+        with pytest.raises(ValueError, match="objectives must be a collection of this model's objectives"):
+            model(**inputs, objectives=bad)
+    dual = build_head(tester, XModalForPreTraining, itm_loss_weight=0.0, mlm_loss_weight=0.0, vqa_loss_weight=0.0)
+    with pytest.raises(ValueError, match=r"\['contrastive', 'mim', 'captioning'\]"):
+        dual(**inputs, objectives=["itm"])
+
+
 def test_errors(tester):
     inputs = tester.get_inputs()
     model = build_head(tester, XModalForPreTraining)

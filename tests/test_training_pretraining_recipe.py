@@ -126,7 +126,35 @@ def test_loss_balancing_math():
     with pytest.raises(ValueError, match="--loss_balancing must be one of"):
         LossBalancer(weights, "magic")
     with pytest.raises(ValueError, match="expects the losses of"):
-        LossBalancer(weights)({"contrastive": torch.tensor(1.0)})
+        LossBalancer(weights)({"itm": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="expects the losses of"):
+        LossBalancer(weights)({})
+
+
+@pytest.mark.parametrize("mode", ["none", "running_scale", "uncertainty"])
+def test_loss_balancing_of_a_step_that_skips_objectives(mode):
+    """A contrastive-only step (`--auxiliary_every`) sums what it computed and moves only that objective's
+    statistics; the skipped objective's running mean and count stay put."""
+    weights = {"contrastive": 1.0, "vqa": 0.5}
+    balancer = LossBalancer(weights, mode, momentum=0.9)
+    balancer({"contrastive": torch.tensor(4.0), "vqa": torch.tensor(20.0)})
+    before = {name: value.clone() for name, value in balancer.state_dict().items()}
+    total = balancer({"contrastive": torch.tensor(2.0)})
+    if mode == "none":
+        assert total.item() == pytest.approx(2.0)
+    elif mode == "running_scale":
+        mean = (0.9 * 0.1 * 4.0 + 0.1 * 2.0) / (1 - 0.9**2)
+        assert total.item() == pytest.approx(2.0 / mean, rel=1e-5)
+        assert balancer.num_updates.tolist() == [2, 1]
+        assert balancer.running_mean[1] == before["running_mean"][1]
+        assert balancer.effective_weights()[1].item() == pytest.approx(0.5 / 20.0, rel=1e-5)
+    else:
+        assert total.item() == pytest.approx(2.0)
+    # a checkpoint of an older balancer (one update count for all objectives) still loads
+    if mode == "running_scale":
+        old = {**balancer.state_dict(), "num_updates": torch.tensor(7)}
+        balancer.load_state_dict(old)
+        assert balancer.num_updates.tolist() == [7, 7]
 
 
 @pytest.mark.parametrize(
@@ -259,6 +287,39 @@ def test_max_time_stops_within_one_step_saves_and_keeps_the_best_model(tmp_path)
     kept = load_file(out / "checkpoints" / "best" / "model.safetensors")
     assert saved.keys() == kept.keys() and all(torch.equal(saved[name], kept[name]) for name in saved)
     assert all(math.isfinite(value) for value in metrics["losses"])
+
+
+def test_auxiliary_every_computes_the_other_objectives_on_one_step_in_n(tmp_path):
+    """`--auxiliary_every 3`: steps 1, 4, 7 compute every objective, the others contrastive alone; the curves hold
+    None where an objective was skipped, and the model card still plots them."""
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "run"),
+        num_train_examples=128,
+        num_eval_examples=32,
+        eval_batch_size=32,
+        vocab_size=256,
+        batch_size=8,
+        max_steps=7,
+        warmup_steps=1,
+        objectives="contrastive,itm,mim",
+        loss_balancing="running_scale",
+        auxiliary_every=3,
+        config_overrides=SMALL_TOWERS,
+    )
+    metrics = pretrain(args)
+    curves = metrics["objective_losses"]
+    assert all(math.isfinite(value) for value in curves["contrastive"]) and len(curves["contrastive"]) == 7
+    for name in ("itm", "mim"):
+        assert [value is not None for value in curves[name]] == [True, False, False, True, False, False, True], name
+        assert all(math.isfinite(value) for value in curves[name] if value is not None)
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+    for objectives, every, message in [
+        ("contrastive", 2, "must include contrastive and at least one more"),
+        ("itm,mim", 2, "must include contrastive and at least one more"),
+        ("all", 0, "--auxiliary_every must be at least 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            PretrainArguments(output_dir=str(tmp_path / "bad"), objectives=objectives, auxiliary_every=every)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ is initialised.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
@@ -136,8 +138,9 @@ class LossBalancer(nn.Module):
       the optimizer (`parameters()`, no weight decay).
 
     The statistics (`running_scale`'s averages, `uncertainty`'s gradient for $s_i$) use the losses averaged over the
-    processes, so every process combines them alike and `s_i` stays identical everywhere. The state is in
-    `state_dict()` (buffers and parameters), for checkpoints.
+    processes, so every process combines them alike and `s_i` stays identical everywhere. A step may compute only
+    some of the objectives (`xmodal pretrain --auxiliary_every`): the sum then runs over those, and only their
+    averages are updated. The state is in `state_dict()` (buffers and parameters), for checkpoints.
 
     Args:
         weights: `{objective: w_i}` of the objectives, in the order of their losses.
@@ -156,7 +159,8 @@ class LossBalancer(nn.Module):
         self.momentum = momentum
         self.register_buffer("weights", torch.tensor([weights[name] for name in self.names], dtype=torch.float))
         self.register_buffer("running_mean", torch.zeros(len(self.names)))
-        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # per objective: the steps that computed it
+        self.register_buffer("num_updates", torch.zeros(len(self.names), dtype=torch.long))
         self.log_variance = nn.Parameter(torch.zeros(len(self.names))) if mode == "uncertainty" else None
 
     def effective_weights(self) -> torch.Tensor:
@@ -169,26 +173,38 @@ class LossBalancer(nn.Module):
         return self.weights.clone()
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """`{objective: loss ()}` (every objective of `weights`) -> the combined loss `()`."""
-        if set(losses) != set(self.names):
-            raise ValueError(f"LossBalancer expects the losses of {self.names}, got {sorted(losses)}.")
-        values = torch.stack([losses[name].float() for name in self.names])
-        weights = self.weights.to(values.device)
+        """`{objective: loss ()}` (some or all of the objectives of `weights`) -> the combined loss `()`."""
+        if not losses or not set(losses) <= set(self.names):
+            raise ValueError(f"LossBalancer expects the losses of some of {self.names}, got {sorted(losses)}.")
+        present = [index for index, name in enumerate(self.names) if name in losses]
+        values = torch.stack([losses[self.names[index]].float() for index in present])
+        weights = self.weights[present].to(values.device)
         if self.mode == "none":
             return (weights * values).sum()
         mean = _process_mean(values)
         if self.mode == "running_scale":
             if self.training and torch.isfinite(mean).all():
-                self.running_mean.mul_(self.momentum).add_((1.0 - self.momentum) * mean.to(self.running_mean))
-                self.num_updates += 1
-            return (self.effective_weights().to(values.device) * values).sum()
-        log_variance = self.log_variance.to(values.device)
+                decay = torch.full_like(self.running_mean, 1.0)
+                decay[present] = self.momentum
+                update = torch.zeros_like(self.running_mean)
+                update[present] = (1.0 - self.momentum) * mean.to(self.running_mean)
+                self.running_mean.mul_(decay).add_(update)
+                self.num_updates[present] += 1
+            return (self.effective_weights()[present].to(values.device) * values).sum()
+        log_variance = self.log_variance[present].to(values.device)
         precision = torch.exp(-log_variance)
         # the model's gradient is e^{-s} dL (local losses); s's gradient comes from the processes' mean losses, so
         # that s stays the same on every process; the value is the Kendall loss of the local losses
         model_term = precision.detach() * values
         variance_term = precision * mean + log_variance / 2.0 - precision.detach() * mean
         return (weights * (model_term + variance_term)).sum()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints of xmodal <= 0.1 count the updates of all objectives at once: one count for each
+        count = state_dict.get(f"{prefix}num_updates")
+        if count is not None and count.ndim == 0:
+            state_dict[f"{prefix}num_updates"] = count.expand(len(self.names)).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 __all__ = ["LOSS_BALANCING", "ContrastiveLoss", "GlobalBatch", "LossBalancer", "gather_with_grad"]

@@ -142,6 +142,14 @@ class PretrainArguments(DataArguments):
             "contrastive loss and ITM always see the whole batch."
         },
     )
+    auxiliary_every: int = field(
+        default=1,
+        metadata={
+            "help": "Compute the objectives other than contrastive on one step in this many (the first of each "
+            "group); the other steps train the contrastive loss alone, at its cost (task sampling, as FLAVA's "
+            "round-robin). 1: every objective on every step."
+        },
+    )
     multiview: bool = field(
         default=False, metadata={"help": "Add a second, augmented view of each pair (multi-view contrastive)."}
     )
@@ -260,6 +268,13 @@ class PretrainArguments(DataArguments):
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max_steps must be at least 1, got {self.max_steps}.")
         self.objective_weights = parse_loss_weights(self.loss_weights, parse_objectives(self.objectives))
+        if self.auxiliary_every < 1:
+            raise ValueError(f"--auxiliary_every must be at least 1, got {self.auxiliary_every}.")
+        if self.auxiliary_every > 1 and not ("contrastive" in objectives and len(objectives) > 1):
+            raise ValueError(
+                f"--auxiliary_every {self.auxiliary_every} alternates the contrastive loss with the other objectives: "
+                f"--objectives must include contrastive and at least one more, got {self.objectives!r}."
+            )
         if self.loss_balancing not in LOSS_BALANCING:
             raise ValueError(
                 f"--loss_balancing must be one of {', '.join(LOSS_BALANCING)}, got {self.loss_balancing!r}."

@@ -304,19 +304,25 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         step_start = time.perf_counter()
         micro_losses: list[torch.Tensor] = []
         nonfinite = False
+        # task sampling: the auxiliary objectives on the first step of every `auxiliary_every`
+        step_objectives = list(weights) if state["step"] % args.auxiliary_every == 0 else ["contrastive"]
         for micro in range(accumulation):
             batch = next(batches)
             sync = micro == accumulation - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                outputs = model(**batch, return_loss=True, **extra_inputs)
-                losses = {name: outputs[f"{name}_loss"] for name in weights}
+                outputs = model(**batch, return_loss=True, objectives=step_objectives, **extra_inputs)
+                losses = {name: outputs[f"{name}_loss"] for name in step_objectives}
                 loss = balancer(losses)
                 nonfinite = _any_process(accelerator, not torch.isfinite(loss).item())
                 # a non-finite loss still runs backward (scaled by 0) so that DDP's collectives stay in step
                 accelerator.backward(loss * (0.0 if nonfinite else 1.0 / accumulation))
             if nonfinite:
                 break
-            micro_losses.append(torch.stack([outputs.loss.detach()] + [value.detach() for value in losses.values()]))
+            # the objectives this step skipped count as NaN (None in the curves)
+            skipped = torch.tensor(float("nan"), device=outputs.loss.device)
+            micro_losses.append(
+                torch.stack([outputs.loss.detach()] + [losses[name].detach() if name in losses else skipped for name in weights])
+            )
         if not nonfinite and args.max_grad_norm > 0:
             # a finite loss can still give non-finite gradients (overflow in the backward pass)
             nonfinite = not math.isfinite(float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
@@ -348,7 +354,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         step_losses = accelerator.reduce(torch.stack(micro_losses).mean(dim=0), reduction="mean").tolist()
         state["losses"].append(step_losses[0])
         for name, value in zip(weights, step_losses[1:]):
-            state["objective_losses"][name].append(value)
+            state["objective_losses"][name].append(value if math.isfinite(value) else None)
         pairs_per_s = (state["step"] - start_step) * pairs_per_step / (time.perf_counter() - session_start)
         progress.set_postfix(
             loss=f"{step_losses[0]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", pairs_per_s=f"{pairs_per_s:.0f}"
@@ -361,7 +367,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                     "loss": step_losses[0],
                     "lr": scheduler.get_last_lr()[0],
                     "pairs_per_s": pairs_per_s,
-                    **{f"{n}_loss": v for n, v in zip(weights, step_losses[1:])},
+                    **{f"{n}_loss": v for n, v in zip(weights, step_losses[1:]) if math.isfinite(v)},
                     **({f"{n}_weight": v for n, v in zip(weights, balance)} if args.loss_balancing != "none" else {}),
                 },
                 step=state["step"],

@@ -4,6 +4,7 @@ results), the card's pictures, and a how-to-use snippet that loads the model wit
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -121,7 +122,12 @@ def loss_curves(metrics: dict[str, Any]) -> dict[str, list[float]]:
     when there are several objectives (empty when the metrics hold no losses)."""
     if not metrics.get("losses"):
         return {}
-    objective_losses = {name: values for name, values in metrics.get("objective_losses", {}).items() if values}
+    # an objective's curve holds None at the steps that skipped it (`--auxiliary_every`)
+    objective_losses = {
+        name: [math.nan if value is None else value for value in values]
+        for name, values in metrics.get("objective_losses", {}).items()
+        if values
+    }
     if len(objective_losses) < 2:
         return {"loss": list(metrics["losses"])}
     return {"total": list(metrics["losses"]), **objective_losses}
