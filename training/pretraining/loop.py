@@ -321,7 +321,10 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             # the objectives this step skipped count as NaN (None in the curves)
             skipped = torch.tensor(float("nan"), device=outputs.loss.device)
             micro_losses.append(
-                torch.stack([outputs.loss.detach()] + [losses[name].detach() if name in losses else skipped for name in weights])
+                torch.stack(
+                    [outputs.loss.detach()]
+                    + [losses[name].detach() if name in losses else skipped for name in weights]
+                )
             )
         if not nonfinite and args.max_grad_norm > 0:
             # a finite loss can still give non-finite gradients (overflow in the backward pass)
