@@ -320,6 +320,28 @@ def test_auxiliary_every_computes_the_other_objectives_on_one_step_in_n(tmp_path
     ]:
         with pytest.raises(ValueError, match=message):
             PretrainArguments(output_dir=str(tmp_path / "bad"), objectives=objectives, auxiliary_every=every)
+    for start, message in [(1.0, r"must be in \[0, 1\)"), (0.5, "must include contrastive and at least one more")]:
+        with pytest.raises(ValueError, match=message):
+            PretrainArguments(output_dir=str(tmp_path / "bad"), objectives="itm", auxiliary_start=start)
+
+
+def test_auxiliary_start_trains_the_contrastive_loss_alone_first(tmp_path):
+    """`--auxiliary_start 0.5` of 6 steps: steps 1-3 contrastive alone, then every objective."""
+    args = PretrainArguments(
+        output_dir=str(tmp_path / "run"),
+        num_train_examples=64,
+        num_eval_examples=16,
+        eval_batch_size=16,
+        vocab_size=256,
+        batch_size=8,
+        max_steps=6,
+        warmup_steps=1,
+        objectives="contrastive,mim",
+        auxiliary_start=0.5,
+        config_overrides=SMALL_TOWERS,
+    )
+    curve = pretrain(args)["objective_losses"]["mim"]
+    assert [value is not None for value in curve] == [False, False, False, True, True, True]
 
 
 @pytest.mark.slow

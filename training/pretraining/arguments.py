@@ -150,6 +150,13 @@ class PretrainArguments(DataArguments):
             "round-robin). 1: every objective on every step."
         },
     )
+    auxiliary_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the budget (steps or time, as the learning-rate schedule) trained on the contrastive "
+            "loss alone before the other objectives join (a curriculum: align first, then fuse), in [0, 1)."
+        },
+    )
     multiview: bool = field(
         default=False, metadata={"help": "Add a second, augmented view of each pair (multi-view contrastive)."}
     )
@@ -270,10 +277,17 @@ class PretrainArguments(DataArguments):
         self.objective_weights = parse_loss_weights(self.loss_weights, parse_objectives(self.objectives))
         if self.auxiliary_every < 1:
             raise ValueError(f"--auxiliary_every must be at least 1, got {self.auxiliary_every}.")
-        if self.auxiliary_every > 1 and not ("contrastive" in objectives and len(objectives) > 1):
+        if not 0 <= self.auxiliary_start < 1:
+            raise ValueError(f"--auxiliary_start must be in [0, 1), got {self.auxiliary_start}.")
+        sampled = [
+            f"--{name} {getattr(self, name)}"
+            for name, default in (("auxiliary_every", 1), ("auxiliary_start", 0.0))
+            if getattr(self, name) != default
+        ]
+        if sampled and not ("contrastive" in objectives and len(objectives) > 1):
             raise ValueError(
-                f"--auxiliary_every {self.auxiliary_every} alternates the contrastive loss with the other objectives: "
-                f"--objectives must include contrastive and at least one more, got {self.objectives!r}."
+                f"With {' and '.join(sampled)}, some steps train the contrastive loss alone and others every "
+                f"objective: --objectives must include contrastive and at least one more, got {self.objectives!r}."
             )
         if self.loss_balancing not in LOSS_BALANCING:
             raise ValueError(

@@ -304,8 +304,12 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         step_start = time.perf_counter()
         micro_losses: list[torch.Tensor] = []
         nonfinite = False
-        # task sampling: the auxiliary objectives on the first step of every `auxiliary_every`
-        step_objectives = list(weights) if state["step"] % args.auxiliary_every == 0 else ["contrastive"]
+        # task sampling: the auxiliary objectives from `auxiliary_start` of the budget on, on the first step of every
+        # `auxiliary_every`
+        auxiliary_step = state["step"] % args.auxiliary_every == 0 and (
+            not args.auxiliary_start or scheduler.progress(state["step"], seconds) >= args.auxiliary_start
+        )
+        step_objectives = list(weights) if auxiliary_step else ["contrastive"]
         for micro in range(accumulation):
             batch = next(batches)
             sync = micro == accumulation - 1
