@@ -371,6 +371,11 @@ class XModalModel(XModalPreTrainedModel):
     `forward` gives image-text similarity logits (and the contrastive loss with `return_loss=True`);
     `get_image_features` / `get_text_features` give projected embeddings; `get_multimodal_features` gives the
     fused representation of image-text pairs.
+
+    Its loss is CLIP's contrastive loss, which does not read the fusion module: `forward` runs the fusion module only
+    with `return_multimodal_output=True` (FLAVA's `multimodal_output`), so a training step trains the fusion module
+    only through a loss on that output (or in a head, e.g. [`XModalForPreTraining`]); by default the contrastive
+    forward costs what CLIP's does.
     """
 
     main_input_name = "input_ids"

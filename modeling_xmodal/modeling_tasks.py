@@ -312,6 +312,9 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
     >>> processor.batch_decode(captions, skip_special_tokens=True)
     ```
     For VQA, pass the question (without its final [SEP]) as `input_ids`: the answer is generated after it.
+
+    It has no text tower or fusion module: its outputs hold the image tower's (`image_embeds`, and
+    `vision_model_output` when this call encodes the image, not in the cached generation steps) and the decoder's.
     """
 
     main_input_name = "pixel_values"
@@ -462,7 +465,10 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
 
 
 class XModalForImageClassification(XModalPreTrainedModel):
-    """The xmodal image tower with a linear classifier on its pooled output (the first fine-tuning target)."""
+    """The xmodal image tower with a linear classifier on its pooled output (the first fine-tuning target).
+
+    Of transformers' conventions, `resize_token_embeddings` does not fit: the model has no token embeddings (no text
+    tower or decoder), so it raises `NotImplementedError`, as transformers' `get_input_embeddings` does."""
 
     main_input_name = "pixel_values"
 
