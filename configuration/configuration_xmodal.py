@@ -51,6 +51,8 @@ LOSS_WEIGHT_FIELDS = (
     "captioning_loss_weight",
     "vqa_loss_weight",
 )
+# the keyword argument that carries the config file's location from `from_pretrained` to `from_dict`'s error messages
+_SOURCE_KWARG = "_xmodal_config_source"
 _PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 
@@ -648,8 +650,8 @@ class XModalConfig(PreTrainedConfig):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> XModalConfig:
         """`PreTrainedConfig.from_pretrained`; an invalid field raises a `ValueError`/`TypeError` naming the config
-        file and the field (see `from_dict`)."""
-        kwargs.setdefault("name_or_path", os.fspath(pretrained_model_name_or_path))
+        file and the field (see `from_dict`). As with transformers' configs, the path is not kept in the config."""
+        kwargs.setdefault(_SOURCE_KWARG, os.fspath(pretrained_model_name_or_path))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
@@ -662,8 +664,10 @@ class XModalConfig(PreTrainedConfig):
             TypeError: if the file does not hold a JSON object, or a field has the wrong type.
             ValueError: if a field has an invalid value (negative size, heads not dividing the width, ...).
         """
-        source = kwargs.get("name_or_path") or (
-            config_dict.get("_name_or_path") if isinstance(config_dict, dict) else None
+        source = (
+            kwargs.pop(_SOURCE_KWARG, None)
+            or kwargs.get("name_or_path")
+            or (config_dict.get("_name_or_path") if isinstance(config_dict, dict) else None)
         )
         where = _config_file(source)
         if not isinstance(config_dict, dict):
@@ -677,6 +681,20 @@ class XModalConfig(PreTrainedConfig):
             raise (TypeError if isinstance(err, TypeError) else ValueError)(
                 f"Invalid xmodal config {where}: {err}"
             ) from err
+
+    def to_dict(self) -> dict[str, Any]:
+        """`PreTrainedConfig.to_dict`, with the sub-configs as the model uses them, so that a config saved before and
+        after a reload has the same keys and values: each sub-config's `dtype` is the model's (transformers sets it
+        on every sub-config when it builds or loads a model) and no sub-config keeps the `_name_or_path` of a tower
+        loaded from a folder (transformers drops it at the top level; a local path is no part of the config)."""
+        output = super().to_dict()
+        for key in self.sub_configs:
+            sub_config = output.get(key)
+            if isinstance(sub_config, dict):
+                sub_config.pop("_name_or_path", None)
+                if output.get("dtype") is not None:
+                    sub_config["dtype"] = output["dtype"]
+        return output
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Saves config.json with the complete `auto_map`, together with the remote-code bundle, so the folder loads

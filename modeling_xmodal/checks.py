@@ -173,9 +173,6 @@ def _check_ranges(ranges: list[_Range]) -> None:
 
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# Weights under these prefixes are the pretrained towers: loading without them would give a model that is silently
-# random where it matters, so their absence is an error (new heads and fusion modules may be initialised).
-_REQUIRED_PREFIXES = ("vision_model", "text_model")
 
 
 def _pickle_refusal(where: str, files: list[str]) -> str:

@@ -13,12 +13,21 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions
 
 from xmodal.checks import _check_ranges, _text_id_ranges
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalCrossConfig, XModalDecoderConfig
-from xmodal.layers import XModalEncoderLayer, _additive_padding_mask, _causal_mask, _drop_path_rates, _restore_visible
+from xmodal.layers import (
+    XModalEncoderLayer,
+    XModalPreTrainedSubModel,
+    _additive_padding_mask,
+    _causal_mask,
+    _drop_path_rates,
+    _restore_visible,
+)
 from xmodal.outputs import XModalFusionOutput
 from xmodal.towers import _pool
 
@@ -26,8 +35,9 @@ if TYPE_CHECKING:
     from xmodal.modeling_base import XModalModel
 
 
-class XModalFusionModel(nn.Module):
-    """Cross-modal fusion: transformer layers with self-attention, cross-attention and an MLP.
+class XModalFusionModel(XModalPreTrainedSubModel):
+    """Cross-modal fusion: transformer layers with self-attention, cross-attention and an MLP; a `PreTrainedModel`
+    on `XModalCrossConfig` (so its attention implementation is `cross_config`'s).
 
     `direction="text_to_image"`: Q = text, K = V = image; `"image_to_text"`: Q = image, K = V = text; `"both"`:
     co-attention, where at every layer each stream attends to the other stream's input to that layer.
@@ -35,9 +45,11 @@ class XModalFusionModel(nn.Module):
     linearly from 0 at the first layer to `cross_config.drop_path_rate` at the last (per pair, in each stream).
     """
 
+    config_class = XModalCrossConfig
+    input_modalities = ("image", "text")
+
     def __init__(self, config: XModalCrossConfig, vision_hidden_size: int, text_hidden_size: int) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         hidden = config.hidden_size
         self.image_input_projection = (
             nn.Linear(vision_hidden_size, hidden) if vision_hidden_size != hidden else nn.Identity()
@@ -53,6 +65,7 @@ class XModalFusionModel(nn.Module):
         self.image_layers = layers() if config.direction in ("image_to_text", "both") else None
         self.text_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps) if self.text_layers else None
         self.image_layer_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps) if self.image_layers else None
+        self.post_init()
 
     def forward(
         self,
@@ -60,24 +73,41 @@ class XModalFusionModel(nn.Module):
         text_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> XModalFusionOutput:
         """`image_hidden_states` `(B, Li, Dv)`, `text_hidden_states` `(B, Lt, Dt)`, text `attention_mask` `(B, Lt)`.
         With `image_index` `(B,)`, pair b is text b with image `image_index[b]` of `image_hidden_states` `(M, Li, Dv)`:
-        when only text attends to the image, each image's keys/values are computed once for all its pairs."""
+        when only text attends to the image, each image's keys/values are computed once for all its pairs.
+
+        With `output_hidden_states` / `output_attentions`, each stream that has layers (the text stream for
+        `text_to_image`, the image stream for `image_to_text`, both for `both`) returns its hidden states (the
+        projected input, then each layer's output) and its self- and cross-attention weights per layer; see
+        [`XModalFusionOutput`]."""
         if image_index is not None and self.image_layers is not None:
             # the image stream is updated per pair: materialise the pairs
             image_hidden_states, image_index = image_hidden_states[image_index], None
         image = self.image_input_projection(image_hidden_states)
         text = self.text_input_projection(text_hidden_states)
         text_mask = _additive_padding_mask(attention_mask, text.dtype)
+        streams = [name for name, layers in (("text", self.text_layers), ("image", self.image_layers)) if layers]
+        hidden = {"text": (text,), "image": (image,)} if output_hidden_states else None
+        attentions = {name: ([], []) for name in streams} if output_attentions else None
         for index in range(self.config.num_hidden_layers):
-            new_text = (
-                self.text_layers[index](text, text_mask, image, None, encoder_index=image_index)
-                if self.text_layers
-                else text
-            )
-            image = self.image_layers[index](image, None, text, text_mask) if self.image_layers else image
+            new_text = text
+            if self.text_layers:
+                new_text, *weights = self.text_layers[index](
+                    text, text_mask, image, None, encoder_index=image_index, output_attentions=output_attentions
+                )
+                _record(attentions, "text", weights)
+            if self.image_layers:
+                image, *weights = self.image_layers[index](
+                    image, None, text, text_mask, output_attentions=output_attentions
+                )
+                _record(attentions, "image", weights)
             text = new_text
+            if output_hidden_states:
+                hidden = {"text": hidden["text"] + (text,), "image": hidden["image"] + (image,)}
         if self.text_layer_norm is not None:
             text = self.text_layer_norm(text)
         if self.image_layer_norm is not None:
@@ -90,9 +120,25 @@ class XModalFusionModel(nn.Module):
             pooled = text[:, 0] * image[:, 0]
         # with image_index (text_to_image only) the image tokens were not fused: they are the caller's, projected
         image_tokens = None if image_index is not None else image
+        inspected = {}
+        for name in streams:
+            if hidden is not None:
+                inspected[f"{name}_hidden_states"] = hidden[name]
+            if attentions is not None:
+                inspected[f"{name}_attentions"] = tuple(attentions[name][0])
+                inspected[f"{name}_cross_attentions"] = tuple(attentions[name][1])
         return XModalFusionOutput(
-            pooler_output=pooled, text_last_hidden_state=text, image_last_hidden_state=image_tokens
+            pooler_output=pooled, text_last_hidden_state=text, image_last_hidden_state=image_tokens, **inspected
         )
+
+
+def _record(attentions: dict[str, tuple[list, list]] | None, stream: str, weights: list) -> None:
+    """Appends a layer's self- and cross-attention weights (where computed) to `attentions[stream]`."""
+    if attentions is None:
+        return
+    for collected, weight in zip(attentions[stream], weights, strict=True):
+        if weight is not None:
+            collected.append(weight)
 
 
 class XModalMLMHead(nn.Module):
@@ -155,23 +201,41 @@ class XModalVQAHead(nn.Module):
         return self.classifier(self.layer_norm(self.activation_fn(self.dense(pooled))))
 
 
-class XModalMIMDecoder(nn.Module):
+class XModalMIMDecoder(XModalPreTrainedSubModel):
     """MAE's decoder (He et al. 2022): the encoded visible patches, projected to the decoder width, are put back in
     place among shared [MASK] tokens, given position embeddings, passed through the self-attention blocks of
     `config.mim_decoder_config`, and a linear head predicts every patch's pixels: `(B, 1 + num_visible, D)` and
     `bool_masked_pos` `(B, N)` -> `(B, N, P * P * C)`. Tokens of an external tower that kept all patches (with its
-    own mask token, SimMIM style) are used as they are."""
+    own mask token, SimMIM style) are used as they are.
 
-    def __init__(self, config: XModalConfig, input_size: int) -> None:
-        super().__init__()
-        vision, decoder = config.vision_config, config.mim_decoder_config
-        self.num_patches = (vision.image_size // vision.patch_size) ** 2
-        self.input_projection = nn.Linear(input_size, decoder.hidden_size)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder.hidden_size))
-        self.position_embedding = nn.Parameter(torch.zeros(1, self.num_patches, decoder.hidden_size))
-        self.layers = nn.ModuleList([XModalEncoderLayer(decoder) for _ in range(decoder.num_hidden_layers)])
-        self.layer_norm = nn.LayerNorm(decoder.hidden_size, eps=decoder.layer_norm_eps)
-        self.head = nn.Linear(decoder.hidden_size, vision.patch_size**2 * vision.num_channels)
+    A `PreTrainedModel` on `config.mim_decoder_config` (its attention implementation is that sub-config's); built
+    by [`XModalMIMDecoder.from_model_config`]."""
+
+    config_class = XModalCrossConfig
+
+    def __init__(self, config: XModalCrossConfig, input_size: int, num_patches: int, patch_dim: int) -> None:
+        super().__init__(config)
+        self.num_patches = num_patches
+        self.input_projection = nn.Linear(input_size, config.hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches, config.hidden_size))
+        self.layers = nn.ModuleList([XModalEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.hidden_size, patch_dim)
+        self.post_init()
+
+    @classmethod
+    def from_model_config(cls, config: XModalConfig, input_size: int) -> XModalMIMDecoder:
+        """The decoder of `config.mim_decoder_config` predicting the patches of `config.vision_config`."""
+        vision = config.vision_config
+        num_patches = (vision.image_size // vision.patch_size) ** 2
+        return cls(config.mim_decoder_config, input_size, num_patches, vision.patch_size**2 * vision.num_channels)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:  # the decoder holds these parameters itself
+            init.zeros_(self.mask_token)
+            init.trunc_normal_(self.position_embedding, std=self.config.initializer_range)
 
     def forward(self, hidden_states: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
         num_patches = bool_masked_pos.shape[1]
@@ -188,18 +252,21 @@ class XModalMIMDecoder(nn.Module):
             full = _restore_visible(tokens, masked) + masked.unsqueeze(-1).to(tokens.dtype) * self.mask_token
         full = full + self.position_embedding
         for layer in self.layers:
-            full = layer(full)
+            full, _, _ = layer(full)
         return self.head(self.layer_norm(full))
 
 
-class XModalTextDecoder(nn.Module):
+class XModalTextDecoder(XModalPreTrainedSubModel):
     """The captioning decoder: token + position embeddings, then layers of causal (cached) self-attention,
     cross-attention to the image tokens and an MLP (BLIP/CoCa): `input_ids` `(B, L)` and image tokens
-    `(B, Li, vision_hidden)` -> `(B, L, decoder_hidden)`."""
+    `(B, Li, vision_hidden)` -> `(B, L, decoder_hidden)`. A `PreTrainedModel` on `XModalDecoderConfig`, as BLIP's
+    text decoder."""
+
+    config_class = XModalDecoderConfig
+    input_modalities = ("text",)
 
     def __init__(self, config: XModalDecoderConfig, vision_hidden_size: int) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.encoder_projection = (
@@ -215,6 +282,13 @@ class XModalTextDecoder(nn.Module):
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
 
     def forward(
         self,
@@ -224,9 +298,17 @@ class XModalTextDecoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         check_values: bool = True,
-    ) -> torch.Tensor:
-        """`attention_mask` `(B, past + L)` covers the cached tokens too; returns `(B, L, decoder_hidden)`. The ids
-        are checked against the vocabulary unless `check_values=False` (a caller that checked them already)."""
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithCrossAttentions:
+        """`attention_mask` `(B, past + L)` covers the cached tokens too. The ids are checked against the vocabulary
+        unless `check_values=False` (a caller that checked them already).
+
+        Returns:
+            `BaseModelOutputWithCrossAttentions` with `last_hidden_state` `(B, L, decoder_hidden)` (final LayerNorm
+            applied), and when asked `hidden_states` (the embeddings, then each layer's output, `(B, L,
+            decoder_hidden)`), `attentions` (causal self-attention, `(B, H, L, past + L)` per layer) and
+            `cross_attentions` (to the image tokens, `(B, H, L, Li)` per layer)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch_size, sequence_length), got {tuple(input_ids.shape)}.")
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -245,9 +327,21 @@ class XModalTextDecoder(nn.Module):
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         mask = _causal_mask(attention_mask, length, past_length, hidden_states.dtype, hidden_states.device)
         image = self.encoder_projection(encoder_hidden_states)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        attentions = {"text": ([], [])} if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, image, None, cache=cache)
-        return self.final_layer_norm(hidden_states)
+            hidden_states, *weights = layer(
+                hidden_states, mask, image, None, cache=cache, output_attentions=output_attentions
+            )
+            _record(attentions, "text", weights)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+        return BaseModelOutputWithCrossAttentions(
+            last_hidden_state=self.final_layer_norm(hidden_states),
+            hidden_states=all_hidden_states,
+            attentions=tuple(attentions["text"][0]) if attentions is not None else None,
+            cross_attentions=tuple(attentions["text"][1]) if attentions is not None else None,
+        )
 
 
 class XModalMomentumEncoder(nn.Module):

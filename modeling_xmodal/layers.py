@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -188,16 +188,20 @@ class XModalAttention(nn.Module):
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
         packing: _TokenPacking | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states` `(B, Lq, C)`, `encoder_hidden_states` `(B, Lk, C)` (or `(M, Lk, C)` with `encoder_index`
         `(B,)` picking row `encoder_index[b]` for query row b: each context is projected once however often it is
-        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> `(B, Lq, C)`. With `packing` (self-attention),
-        `hidden_states` are the `(N, C)` real tokens of a padded batch and so is the output."""
+        used), additive `attention_mask` `(B, 1, 1 | Lq, Lk)` -> the output `(B, Lq, C)` and the attention weights
+        `(B, H, Lq, Lk)` (None unless the implementation computes them, as eager does; asking sdpa for them with
+        `output_attentions=True` warns, as in transformers). With `packing` (self-attention), `hidden_states` are the
+        `(N, C)` real tokens of a padded batch and so is the output."""
         if packing is not None:  # uncached self-attention (the text tower)
             qkv = packing.pad(self.qkv_proj(hidden_states))  # (N, 3C) -> (B, L, 3C), the projection on real tokens
             batch_size, query_length = packing.batch_size, packing.length
             query, key, value = qkv.view(batch_size, query_length, 3, self.num_heads, self.head_dim).unbind(dim=2)
-            return self.out_proj(packing.unpad(self._attend(query, key, value, attention_mask)))
+            attended, weights = self._attend(query, key, value, attention_mask, output_attentions=output_attentions)
+            return self.out_proj(packing.unpad(attended)), weights
         batch_size, query_length, _ = hidden_states.shape
         if self.is_cross_attention:
             query = self.q_proj(hidden_states).view(batch_size, query_length, self.num_heads, self.head_dim)
@@ -210,7 +214,8 @@ class XModalAttention(nn.Module):
         else:
             qkv = self.qkv_proj(hidden_states).view(batch_size, query_length, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.unbind(dim=2)
-        return self.out_proj(self._attend(query, key, value, attention_mask, cache))
+        attended, weights = self._attend(query, key, value, attention_mask, cache, output_attentions)
+        return self.out_proj(attended), weights
 
     def _attend(
         self,
@@ -219,9 +224,10 @@ class XModalAttention(nn.Module):
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-head `query` `(B, Lq, H, D)`, `key`/`value` `(B, Lk, H, D)` -> attention output `(B, Lq, C)`, before
-        the output projection."""
+        the output projection, and the attention weights `(B, H, Lq, Lk)` when the implementation gives them."""
         batch_size, query_length = query.shape[:2]
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, L, D)
         if cache is not None and not self.is_cross_attention:
@@ -229,7 +235,7 @@ class XModalAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        attn_output, _ = attention_interface(
+        attn_output, attn_weights = attention_interface(
             self,
             query,
             key,
@@ -237,8 +243,9 @@ class XModalAttention(nn.Module):
             attention_mask,
             scaling=self.scaling,
             dropout=self.dropout if self.training else 0.0,
+            **({"output_attentions": True} if output_attentions else {}),
         )
-        return attn_output.reshape(batch_size, query_length, self.embed_dim)
+        return attn_output.reshape(batch_size, query_length, self.embed_dim), attn_weights
 
 
 class XModalMLP(nn.Module):
@@ -337,19 +344,34 @@ class XModalEncoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         encoder_index: torch.Tensor | None = None,
         packing: _TokenPacking | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`hidden_states` `(B, L, C)`, or the `(N, C)` real tokens with `packing`; masks are additive
         `(B, 1, 1 | L, Lk)`; `encoder_hidden_states` `(B, Lk, C)`, or `(M, Lk, C)` indexed by `encoder_index` `(B,)`
-        (unpadded contexts only)."""
-        attended = self.self_attn(self.layer_norm1(hidden_states), attention_mask, cache=cache, packing=packing)
+        (unpadded contexts only). Returns the layer's output (the shape of `hidden_states`), its self-attention
+        weights `(B, H, L, L)` and cross-attention weights `(B, H, L, Lk)` (None where not computed, see
+        [`XModalAttention`])."""
+        attended, self_weights = self.self_attn(
+            self.layer_norm1(hidden_states),
+            attention_mask,
+            cache=cache,
+            packing=packing,
+            output_attentions=output_attentions,
+        )
         hidden_states = hidden_states + self._residual_branch(attended, packing)
+        cross_weights = None
         if self.has_cross_attention:
             context = self.context_layer_norm(encoder_hidden_states)
-            cross = self.cross_attn(
-                self.cross_layer_norm(hidden_states), encoder_attention_mask, context, encoder_index=encoder_index
+            cross, cross_weights = self.cross_attn(
+                self.cross_layer_norm(hidden_states),
+                encoder_attention_mask,
+                context,
+                encoder_index=encoder_index,
+                output_attentions=output_attentions,
             )
             hidden_states = hidden_states + self._residual_branch(cross, packing)
-        return hidden_states + self._residual_branch(self.mlp(self.layer_norm2(hidden_states)), packing)
+        hidden_states = hidden_states + self._residual_branch(self.mlp(self.layer_norm2(hidden_states)), packing)
+        return hidden_states, self_weights, cross_weights
 
 
 class XModalEncoder(nn.Module):
@@ -371,17 +393,41 @@ class XModalEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         packing: _TokenPacking | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
         """`hidden_states` `(B, L, C)` and an additive `attention_mask` `(B, 1, 1, L)`. With `packing`, the layers run
-        on the `(N, C)` real tokens of the padded batch: `last_hidden_state` is `(N, C)`, while `hidden_states`
-        (when asked) are padded back to `(B, L, C)`, zeros at the padding."""
-        padded = packing.pad if packing is not None else (lambda tokens: tokens)
-        all_hidden_states = (padded(hidden_states),) if output_hidden_states else None
+        on the `(N, C)` real tokens of the padded batch and `last_hidden_state` is `(N, C)` (the towers run padded
+        when hidden states are asked for, so that these are the tensors of the computation).
+
+        `hidden_states` (with `output_hidden_states`): the input of the first layer, then each layer's output,
+        `num_hidden_layers + 1` tensors; `attentions` (with `output_attentions`): each layer's attention weights
+        `(B, H, L, L)`, as CLIP returns them."""
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, packing=packing)
+            hidden_states, weights, _ = layer(
+                hidden_states, attention_mask, packing=packing, output_attentions=output_attentions
+            )
             if output_hidden_states:
-                all_hidden_states = all_hidden_states + (padded(hidden_states),)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            if output_attentions and weights is not None:
+                all_attentions = all_attentions + (weights,)
+        return BaseModelOutput(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+
+
+class XModalPreTrainedSubModel(PreTrainedModel):
+    """The base of xmodal's sub-models: the image and text towers, the fusion module and the two decoders are each a
+    `PreTrainedModel` on their own sub-config (`vision_config`, `text_config`, `cross_config`, `decoder_config`,
+    `mim_decoder_config`), as CLIP's and BLIP's towers are. transformers then dispatches the attention implementation
+    per sub-config: `from_pretrained(..., attn_implementation={"vision_config": "sdpa", "text_config": "eager"})` and
+    `model.set_attn_implementation(...)` reach every sub-model, each checked against what it supports."""
+
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["XModalEncoderLayer"]
 
 
 __all__ = [
@@ -390,5 +436,6 @@ __all__ = [
     "XModalEncoder",
     "XModalEncoderLayer",
     "XModalMLP",
+    "XModalPreTrainedSubModel",
     "eager_attention_forward",
 ]

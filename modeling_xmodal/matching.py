@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from xmodal.modeling_base import XModalModel
+from xmodal.outputs import XModalFusionOutput
 
 
 class BatchGatherer(Protocol):
@@ -135,16 +136,25 @@ def _itm_loss(
     input_ids: torch.Tensor,
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, XModalFusionOutput]:
     """Image-text matching (ALBEF) from tower outputs `(B, L, D)` and embeddings `(B, projection_dim)`. Returns
-    `(loss, itm_logits (N, 2))`, N = B or 3B (`config.itm_sampling`)."""
+    `(loss, itm_logits (N, 2), the fusion output of the N pairs)`, N = B or 3B (`config.itm_sampling`)."""
     texts, masks, image_index, labels, prior = _itm_inputs(
         model, text_hidden_states, attention_mask, input_ids, image_embeds, text_embeds, _LocalBatch()
     )
     # the indices are built here: the fusion module directly, without `fuse`'s check (a device sync)
-    fused = model.cross_model(image_hidden_states, texts, masks, image_index).pooler_output
-    itm_logits = model.itm_head(fused, prior)
-    return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits
+    fused = model.cross_model(
+        image_hidden_states,
+        texts,
+        masks,
+        image_index,
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+    )
+    itm_logits = model.itm_head(fused.pooler_output, prior)
+    return F.cross_entropy(itm_logits.float(), labels, ignore_index=-100), itm_logits, fused
 
 
 __all__ = [

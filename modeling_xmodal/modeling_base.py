@@ -21,7 +21,6 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.utils import can_return_tuple, logging
 
 from xmodal.checks import (
-    _REQUIRED_PREFIXES,
     _check_pairs,
     _check_pixel_values,
     _check_ranges,
@@ -33,11 +32,10 @@ from xmodal.checks import (
 )
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalTextConfig, XModalVisionConfig
 from xmodal.conversion import clip_to_xmodal_config, clip_to_xmodal_state_dict
-from xmodal.heads import XModalFusionModel, XModalITMHead, XModalMIMDecoder, XModalMLMHead, XModalMomentumEncoder
-from xmodal.layers import XModalAttention, XModalMLP
+from xmodal.heads import XModalFusionModel, XModalITMHead, XModalMLMHead, XModalMomentumEncoder
 from xmodal.losses import contrastive_loss, siglip_loss
 from xmodal.outputs import XModalFusionOutput, XModalOutput
-from xmodal.towers import XModalTextTransformer, XModalVisionEmbeddings, XModalVisionTransformer, _build_tower, _pool
+from xmodal.towers import XModalTextTransformer, XModalVisionTransformer, _build_tower, _pool
 
 logger = logging.get_logger(__name__)
 
@@ -78,11 +76,13 @@ class XModalPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["XModalEncoderLayer", "XModalVisionEmbeddings", "XModalTextEmbeddings"]
     accepts_loss_kwargs = False
 
-    def __init__(self, config: XModalConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        # The towers and fusion layers are plain modules reading their sub-config: the setter propagates the
-        # attention implementation to every sub-config.
-        self.config._attn_implementation = self.config._attn_implementation
+    @property
+    def xmodal(self) -> XModalPreTrainedModel:
+        """The base model, the attribute `base_model_prefix` names: the model itself. Every head holds the shared
+        parts (`vision_model`, `text_model`, `cross_model`, the projections) at its top level rather than in a nested
+        base model, so that any head loads any other's checkpoint key for key; tools that reach the base model with
+        `getattr(model, model.base_model_prefix)` (or `model.base_model`) get the model and its towers."""
+        return self
 
     @classmethod
     def from_pretrained(
@@ -97,8 +97,10 @@ class XModalPreTrainedModel(PreTrainedModel):
         - A truncated or corrupted safetensors file raises an `OSError` naming the file.
         - Checkpoint tensors whose shape differs from the model's raise a `ValueError` naming the weights and every
           such tensor with both shapes (unless `ignore_mismatched_sizes=True`, which re-initialises them).
-        - Missing image- or text-tower weights raise a `ValueError` naming them; other missing weights (a new head,
-          a fusion module added by a config override) are initialised and listed in transformers' load report.
+        - Missing weights follow transformers' rules: tied weights are re-tied, and any other weight the checkpoint
+          lacks (a new head, a fusion module added by a config override, the text tower of a checkpoint saved by a
+          head without one, e.g. [`XModalForImageClassification`], or a tower left out of a partial save) is
+          initialised and listed in transformers' load report (`output_loading_info=True`, and logged).
 
         Invalid config.json fields raise in `XModalConfig.from_dict`, naming the file and the field.
         """
@@ -141,25 +143,11 @@ class XModalPreTrainedModel(PreTrainedModel):
                 "edited config field?); pass ignore_mismatched_sizes=True only to re-initialise these tensors on "
                 "purpose (e.g. a classifier with another number of labels)."
             )
-        missing = sorted(key for key in info["missing_keys"] if key.split(".")[0] in _REQUIRED_PREFIXES)
-        if missing:
-            shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
-            raise ValueError(
-                f"The weights in {source} lack tensors of the pretrained towers: {shown}. The checkpoint is incomplete "
-                f"or of another model; to start from partial weights on purpose, build {cls.__name__}(config) and "
-                "call load_state_dict(..., strict=False)."
-            )
         return (model, info) if output_loading_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, XModalVisionEmbeddings):
-            init.trunc_normal_(module.class_embedding, std=module.config.initializer_range)
-            init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
-        elif isinstance(module, XModalMIMDecoder):
-            init.zeros_(module.mask_token)
-            init.trunc_normal_(module.position_embedding, std=self.config.initializer_range)
-        elif isinstance(module, XModalMLMHead):
+        if isinstance(module, XModalMLMHead):
             init.zeros_(module.decoder.bias)
         elif isinstance(module, XModalITMHead) and module.prior_weight is not None:
             init.constant_(module.prior_weight, self.config.itm_contrastive_prior)
@@ -169,12 +157,7 @@ class XModalPreTrainedModel(PreTrainedModel):
             init.zeros_(module.queue_ptr)
             init.zeros_(module.initialized)
         if isinstance(module, XModalModel):
-            # transformers initialises only modules that hold parameters themselves, children first: the towers'
-            # CLIP initialisation is applied here, after their layers (loaded tensors are flagged and kept)
-            for tower in (module.vision_model, module.text_model):
-                if isinstance(tower, (XModalVisionTransformer, XModalTextTransformer)):
-                    if tower.config.initialization == "clip":
-                        _clip_initialization(tower)
+            # the towers (sub-models) initialise themselves, CLIP's scheme included; here the projections
             for projection, tower in (
                 (module.visual_projection, self.config.vision_config),
                 (module.text_projection, self.config.text_config),
@@ -225,10 +208,16 @@ class XModalPreTrainedModel(PreTrainedModel):
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:
         """Resizes every vocabulary of the model to the tokenizer's new size (the text tower's embeddings and MLM
-        head, the decoder's embeddings and LM head: they share one tokenizer), keeps the ties and updates
-        `text_config.vocab_size` / `decoder_config.vocab_size`. Returns the first resized embedding."""
+        head, the decoder's embeddings and LM head, tied or not: they share one tokenizer), keeps the ties and updates
+        `text_config.vocab_size` and `decoder_config.vocab_size`. Returns the first resized embedding.
+
+        Raises:
+            NotImplementedError: the model has no token embeddings ([`XModalForImageClassification`]), as
+                transformers' `get_input_embeddings` does.
+        """
+        self._main_vocabulary()  # raises for a model without one
         resized = []
-        for owner, name, head_owner, head_name, config in self._vocabularies():
+        for owner, name, head_owner, head_name, _ in self._vocabularies():
             embeddings = self._get_resized_embeddings(
                 getattr(owner, name), new_num_tokens, pad_to_multiple_of, mean_resizing
             )
@@ -240,10 +229,11 @@ class XModalPreTrainedModel(PreTrainedModel):
                     head_name,
                     self._get_resized_lm_head(head, embeddings.num_embeddings, mean_resizing=mean_resizing),
                 )
-            config.vocab_size = embeddings.num_embeddings
             resized.append(embeddings)
-        if not resized:
-            raise ValueError(f"{type(self).__name__} has no token vocabulary to resize.")
+        # one tokenizer: both vocabularies are its size, also in a head without one of them (transformers reads
+        # `config.get_text_config().vocab_size`)
+        for config in (self.config.text_config, self.config.decoder_config):
+            config.vocab_size = resized[0].num_embeddings
         self.tie_weights()
         return resized[0]
 
@@ -253,9 +243,12 @@ class XModalPreTrainedModel(PreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         bool_masked_pos: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
         _check_pixel_values(pixel_values, getattr(self.config.vision_config, "num_channels", None))
         kwargs: dict[str, Any] = {"output_hidden_states": output_hidden_states}
+        if output_attentions:
+            kwargs["output_attentions"] = True
         if interpolate_pos_encoding:
             kwargs["interpolate_pos_encoding"] = True
         if bool_masked_pos is not None:
@@ -271,6 +264,7 @@ class XModalPreTrainedModel(PreTrainedModel):
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
         check_values: bool = True,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
         """The text tower's output for token ids `(B, L)` or, instead, word embeddings `inputs_embeds` `(B, L, D)`;
         `check_values=False` skips the id ranges (a caller that checked them already, see `_check_text_inputs`)."""
@@ -295,9 +289,17 @@ class XModalPreTrainedModel(PreTrainedModel):
             "inputs_embeds": inputs_embeds,
             "token_type_ids": token_type_ids,
             "position_ids": position_ids,
+            "output_attentions": output_attentions or None,
         }
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
         return self.text_model(attention_mask=attention_mask, output_hidden_states=output_hidden_states, **kwargs)
+
+    def _output_flags(self, output_attentions: bool | None, output_hidden_states: bool | None) -> tuple[bool, bool]:
+        """`output_attentions` and `output_hidden_states`, each defaulting to the config's (as transformers does)."""
+        return (
+            bool(self.config.output_attentions if output_attentions is None else output_attentions),
+            bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+        )
 
     def fuse(
         self,
@@ -305,6 +307,8 @@ class XModalPreTrainedModel(PreTrainedModel):
         text_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         image_index: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> XModalFusionOutput:
         """Runs the fusion module on tower outputs already computed (so objectives can share one tower pass).
 
@@ -314,6 +318,8 @@ class XModalPreTrainedModel(PreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): text padding mask.
             image_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): the image of each text (default:
                 image i with text i, `num_images == batch_size`); an image used by several pairs is projected once.
+            output_hidden_states, output_attentions (`bool`): return each fused stream's hidden states and self-
+                and cross-attention weights (see [`XModalFusionOutput`]).
         """
         if getattr(self, "cross_model", None) is None:
             raise ValueError("This model has no fusion module (cross_config.num_hidden_layers=0).")
@@ -332,7 +338,14 @@ class XModalPreTrainedModel(PreTrainedModel):
             _check_ranges(
                 [_Range("image_index", image_index, num_images, f"num_images={num_images}", "the fusion module")]
             )
-        return self.cross_model(image_hidden_states, text_hidden_states, attention_mask, image_index)
+        return self.cross_model(
+            image_hidden_states,
+            text_hidden_states,
+            attention_mask,
+            image_index,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
     def _fused_pairs(
         self,
@@ -341,10 +354,14 @@ class XModalPreTrainedModel(PreTrainedModel):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None,
         interpolate_pos_encoding: bool,
-    ) -> XModalFusionOutput:
-        image = self._encode_image(pixel_values, interpolate_pos_encoding)
-        text = self._encode_text(input_ids, attention_mask, token_type_ids)
-        return self.fuse(image.last_hidden_state, text.last_hidden_state, attention_mask)
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[BaseModelOutput, BaseModelOutput, XModalFusionOutput]:
+        """The image tower's, the text tower's and the fusion module's outputs for image i with text i."""
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        image = self._encode_image(pixel_values, interpolate_pos_encoding, **flags)
+        text = self._encode_text(input_ids, attention_mask, token_type_ids, **flags)
+        return image, text, self.fuse(image.last_hidden_state, text.last_hidden_state, attention_mask, **flags)
 
 
 class XModalModel(XModalPreTrainedModel):
@@ -354,6 +371,11 @@ class XModalModel(XModalPreTrainedModel):
     `forward` gives image-text similarity logits (and the contrastive loss with `return_loss=True`);
     `get_image_features` / `get_text_features` give projected embeddings; `get_multimodal_features` gives the
     fused representation of image-text pairs.
+
+    Its loss is CLIP's contrastive loss, which does not read the fusion module: `forward` runs the fusion module only
+    with `return_multimodal_output=True` (FLAVA's `multimodal_output`), so a training step trains the fusion module
+    only through a loss on that output (or in a head, e.g. [`XModalForPreTraining`]); by default the contrastive
+    forward costs what CLIP's does.
     """
 
     main_input_name = "input_ids"
@@ -386,24 +408,35 @@ class XModalModel(XModalPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
         r"""Projected image embeddings.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
             interpolate_pos_encoding (`bool`): interpolate the position embeddings for another resolution.
+            output_hidden_states (`bool`, *optional*, default `config.output_hidden_states`): return the tower's
+                hidden states, the embeddings then each layer's output, `vision_config.num_hidden_layers + 1`
+                tensors of shape `(batch_size, num_tokens, hidden_size)`, as CLIP.
+            output_attentions (`bool`, *optional*, default `config.output_attentions`): return each layer's
+                attention weights `(batch_size, num_heads, num_tokens, num_tokens)` (eager attention computes them;
+                sdpa does not, and warns).
 
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
             unnormalised image embedding and `last_hidden_state` `(batch_size, num_tokens, hidden_size)` the tower's.
         """
-        outputs = self._encode_image(pixel_values, interpolate_pos_encoding, output_hidden_states)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        outputs = self._encode_image(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions=output_attentions
+        )
         pooled = _pool(outputs.last_hidden_state, self.config.vision_pooling, is_image=True)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.visual_projection(pooled),
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     @can_return_tuple
@@ -413,8 +446,9 @@ class XModalModel(XModalPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutputWithPooling:
         r"""Projected text embeddings.
 
@@ -426,19 +460,31 @@ class XModalModel(XModalPreTrainedModel):
                 *optional*): word embeddings used instead of `input_ids` (e.g. learnable prompt vectors followed by
                 the embeddings of a class name, as in CoOp); the tower adds its position embeddings. Give exactly one
                 of `input_ids` and `inputs_embeds`.
+            output_hidden_states, output_attentions (`bool`, *optional*, default the config's): the tower's hidden
+                states (`text_config.num_hidden_layers + 1` tensors `(batch_size, sequence_length, hidden_size)`) and
+                attention weights (`(batch_size, num_heads, sequence_length, sequence_length)` per layer), as in
+                `get_image_features`.
 
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` `(batch_size, projection_dim)` is the projected,
             unnormalised text embedding.
         """
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
         outputs = self._encode_text(
-            input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states, inputs_embeds
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            output_hidden_states,
+            inputs_embeds,
+            output_attentions=output_attentions,
         )
         pooled = _pool(outputs.last_hidden_state, self.config.text_pooling, attention_mask)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
             pooler_output=self.text_projection(pooled),
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
     @can_return_tuple
@@ -449,6 +495,8 @@ class XModalModel(XModalPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> XModalFusionOutput:
         r"""The fused representation of image-text pairs (image i with text i).
 
@@ -456,11 +504,22 @@ class XModalModel(XModalPreTrainedModel):
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`).
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*).
+            output_hidden_states, output_attentions (`bool`, *optional*, default the config's): the fusion
+                module's hidden states and attention weights per stream (see [`XModalFusionOutput`]).
 
         Returns:
             [`XModalFusionOutput`] with `pooler_output` `(batch_size, cross_hidden_size)`.
         """
-        return self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+        text = self._encode_text(input_ids, attention_mask, token_type_ids).last_hidden_state
+        return self.fuse(
+            image,
+            text,
+            attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
 
     def clamped_logit_scale(self) -> torch.Tensor:
         """The inverse temperature exp(logit_scale), clamped at `config.max_logit_scale` (CLIP)."""
@@ -505,6 +564,8 @@ class XModalModel(XModalPreTrainedModel):
         return_loss: bool | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_multimodal_output: bool = False,
     ) -> XModalOutput:
         r"""Image-text similarities of every image against every text; with one modality alone, its embeddings.
 
@@ -516,14 +577,21 @@ class XModalModel(XModalPreTrainedModel):
             return_loss (`bool`, *optional*): compute the symmetric InfoNCE loss (needs both modalities and equal
                 batch sizes, pair i being image i with text i).
             interpolate_pos_encoding (`bool`): accept images of another resolution.
+            output_hidden_states, output_attentions (`bool`, *optional*, default the config's): each tower's hidden
+                states and attention weights, in `vision_model_output` / `text_model_output` (see
+                `get_image_features`), and the fusion module's in `multimodal_output`.
+            return_multimodal_output (`bool`): also run the fusion module on the pairs (image i with text i, equal
+                batch sizes) and return it as `multimodal_output` ([`XModalFusionOutput`], as FLAVA's `FlavaModel`).
+                Off by default: the contrastive logits and loss (CLIP's) do not use the fusion module, which a loss on
+                `multimodal_output` or a head ([`XModalForPreTraining`], ...) trains.
 
         Returns:
             [`XModalOutput`]. Given only `pixel_values` (or only text), the output holds that modality's normalised
             embeddings and tower output, and no logits: this is what the `image-feature-extraction` and
             `feature-extraction` pipelines call (their `[0]` is then `image_embeds` / `text_embeds`).
         """
-        if output_hidden_states is None:
-            output_hidden_states = bool(self.config.output_hidden_states)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         has_text = input_ids is not None
         if pixel_values is None and not has_text:
             raise ValueError(
@@ -532,15 +600,19 @@ class XModalModel(XModalPreTrainedModel):
             )
         if return_loss and (pixel_values is None or not has_text):
             raise ValueError("return_loss=True needs both pixel_values and input_ids (pair i: image i, text i).")
-        vision_outputs = text_outputs = image_embeds = text_embeds = logits_per_text = loss = None
+        if return_multimodal_output and (pixel_values is None or not has_text):
+            raise ValueError("return_multimodal_output=True needs both pixel_values and input_ids (image i, text i).")
+        vision_outputs = text_outputs = image_embeds = text_embeds = logits_per_text = loss = multimodal = None
         if pixel_values is not None:
-            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, output_hidden_states)
+            vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **flags)
             image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
         if has_text:
-            text_outputs = self.get_text_features(
-                input_ids, attention_mask, token_type_ids, position_ids, output_hidden_states
-            )
+            text_outputs = self.get_text_features(input_ids, attention_mask, token_type_ids, position_ids, **flags)
             text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
+        if return_multimodal_output:
+            multimodal = self.fuse(
+                vision_outputs.last_hidden_state, text_outputs.last_hidden_state, attention_mask, **flags
+            )
         if image_embeds is not None and text_embeds is not None:
             logits_per_text = self.logits(image_embeds, text_embeds)
         if return_loss:
@@ -554,6 +626,7 @@ class XModalModel(XModalPreTrainedModel):
             image_embeds=image_embeds,
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
+            multimodal_output=multimodal,
         )
 
     @classmethod
@@ -618,28 +691,6 @@ class XModalModel(XModalPreTrainedModel):
                 f"{not_loaded[:5]}."
             )
         return model.eval()
-
-
-def _clip_initialization(tower: nn.Module) -> None:
-    """CLIP's scaled initialisation of a built-in tower (transformers' `CLIPPreTrainedModel._init_weights`, factor 1):
-    for width d and depth L, attention inputs N(0, d^-0.5 (2L)^-0.5), attention outputs N(0, d^-0.5), MLP inputs
-    N(0, (2d)^-0.5), MLP outputs N(0, d^-0.5 (2L)^-0.5), biases 0, the [CLS] embedding N(0, d^-0.5). Applied after
-    the tower's submodules, it replaces their N(0, initializer_range) draws."""
-    width, depth = tower.config.hidden_size, tower.config.num_hidden_layers
-    input_std = width**-0.5 * (2 * depth) ** -0.5
-    for module in tower.modules():
-        if isinstance(module, XModalAttention):
-            init.normal_(module.qkv_proj.weight, std=input_std)
-            init.normal_(module.out_proj.weight, std=width**-0.5)
-            init.zeros_(module.qkv_proj.bias)
-            init.zeros_(module.out_proj.bias)
-        elif isinstance(module, XModalMLP):
-            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5)
-            init.normal_(module.fc2.weight, std=input_std)
-            init.zeros_(module.fc1.bias)
-            init.zeros_(module.fc2.bias)
-        elif isinstance(module, XModalVisionEmbeddings):
-            init.normal_(module.class_embedding, std=width**-0.5)
 
 
 def _load_tower(name_or_model: str | PreTrainedModel, attribute: str) -> PreTrainedModel | nn.Module:

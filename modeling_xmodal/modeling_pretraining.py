@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.utils import can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple
 
 from xmodal.checks import _check_pairs, _check_ranges, _check_text_inputs, _text_id_ranges
 from xmodal.configuration.configuration_xmodal import LOSS_WEIGHT_FIELDS, XModalVisionConfig
@@ -85,7 +85,7 @@ class XModalForPreTraining(XModalModel):
             width = (
                 config.cross_config.hidden_size if config.mim_source == "fused" else config.vision_config.hidden_size
             )
-            self.mim_decoder = XModalMIMDecoder(config, width)
+            self.mim_decoder = XModalMIMDecoder.from_model_config(config, width)
         self.text_decoder = self.lm_head = None
         if config.captioning_loss_weight > 0:
             decoder = config.decoder_config
@@ -120,13 +120,20 @@ class XModalForPreTraining(XModalModel):
         return set(objectives)
 
     def _fuse_requests(
-        self, image: torch.Tensor, requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+        self,
+        image: torch.Tensor,
+        requests: dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> dict[str, XModalFusionOutput]:
         """Fuses `{name: (text tokens (N, L, D), mask (N, L) or None, image_index (N,))}` with the `(B, Li, Dv)` image
-        tokens: requests of one text length go through the fusion module together."""
-        by_length: dict[int, list[str]] = {}
+        tokens: requests of one text length go through the fusion module together (their hidden states and
+        attentions, when asked, are split back per request)."""
+        by_length: dict[int | str, list[str]] = {}
+        inspected_outputs = output_hidden_states or output_attentions
         for name, (texts, _, _) in requests.items():
-            by_length.setdefault(texts.shape[1], []).append(name)
+            # asked for hidden states or attentions, each request runs alone, so that they are its computation's
+            by_length.setdefault(name if inspected_outputs else texts.shape[1], []).append(name)
         fused: dict[str, XModalFusionOutput] = {}
         for names in by_length.values():
             parts = [requests[name] for name in names]
@@ -136,13 +143,31 @@ class XModalForPreTraining(XModalModel):
             ]
             # the indices are the model's own: the fusion module directly, without `fuse`'s check (a device sync)
             out = self.cross_model(
-                image, torch.cat([texts for texts, _, _ in parts]), torch.cat(masks), torch.cat([i for *_, i in parts])
+                image,
+                torch.cat([texts for texts, _, _ in parts]),
+                torch.cat(masks),
+                torch.cat([i for *_, i in parts]),
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
             )
+            if len(names) == 1:
+                fused[names[0]] = out
+                continue
             sizes = [texts.shape[0] for texts, _, _ in parts]
-            for name, pooled, tokens in zip(
-                names, out.pooler_output.split(sizes), out.text_last_hidden_state.split(sizes), strict=True
+            # per layer, the chunks of each request
+            inspected = {
+                key: [tensor.split(sizes) for tensor in value]
+                for key, value in out.items()
+                if key.startswith("text_") and key != "text_last_hidden_state"
+            }
+            for index, (name, pooled, tokens) in enumerate(
+                zip(names, out.pooler_output.split(sizes), out.text_last_hidden_state.split(sizes), strict=True)
             ):
-                fused[name] = XModalFusionOutput(pooler_output=pooled, text_last_hidden_state=tokens)
+                fused[name] = XModalFusionOutput(
+                    pooler_output=pooled,
+                    text_last_hidden_state=tokens,
+                    **{key: tuple(chunks[index] for chunks in value) for key, value in inspected.items()},
+                )
         return fused
 
     def _queue_contrastive_loss(
@@ -301,6 +326,8 @@ class XModalForPreTraining(XModalModel):
         contrastive_loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         global_batch: BatchGatherer | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         objectives: Collection[str] | None = None,
     ) -> XModalForPreTrainingOutput:
         r"""One multi-task pretraining step on image-text pairs (image i with text i).
@@ -333,27 +360,36 @@ class XModalForPreTraining(XModalModel):
             objectives (*optional*): the objectives whose losses this call computes, a subset of the configured ones
                 (`pretraining_objectives`); the others skip their compute and their heads get no gradient (e.g.
                 the auxiliary objectives on one step in N only, `xmodal pretrain --auxiliary_every N`). Default: all.
+            output_attentions, output_hidden_states (`bool`, *optional*, default the config's): the towers' hidden
+                states and attention weights on the pairs (`vision_model_output`, `text_model_output`) and the fusion
+                module's on the ITM pairs (`multimodal_output`) and on the masked captions
+                (`multimodal_masked_output`), as FLAVA's pretraining output.
 
         Returns:
             [`XModalForPreTrainingOutput`].
         """
         config = self.config
         active = self._active_objectives(objectives) if return_loss else set()
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         global_batch = global_batch if global_batch is not None else _LocalBatch()
         checked = self._check_id_ranges(
             input_ids, attention_mask, token_type_ids, second_view_input_ids, second_view_attention_mask,
             mlm_input_ids, question_input_ids, question_attention_mask, decoder_input_ids, vqa_labels, return_loss,
         )  # fmt: skip
-        image = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
-        text = self._encode_text(input_ids, attention_mask, token_type_ids, check_values=not checked).last_hidden_state
+        vision_output = self._encode_image(pixel_values, interpolate_pos_encoding, **flags)
+        text_output = self._encode_text(input_ids, attention_mask, token_type_ids, check_values=not checked, **flags)
+        image, text = vision_output.last_hidden_state, text_output.last_hidden_state
         image_embeds, text_embeds = self._embeds(image, text, attention_mask)
         logits_per_text = self.logits(image_embeds, text_embeds)
-        outputs: dict[str, torch.Tensor] = {
+        outputs: dict[str, torch.Tensor | ModelOutput] = {
             "logits_per_image": logits_per_text.t(),
             "logits_per_text": logits_per_text,
             "image_embeds": image_embeds,
             "text_embeds": text_embeds,
         }
+        if output_attentions or output_hidden_states:
+            outputs.update(vision_model_output=vision_output, text_model_output=text_output)
         if not return_loss:
             return XModalForPreTrainingOutput(**outputs)
         _check_pairs(logits_per_text)
@@ -439,7 +475,11 @@ class XModalForPreTraining(XModalModel):
                 question_input_ids, question_attention_mask, check_values=not checked
             ).last_hidden_state
             requests["vqa"] = (question, question_attention_mask, aux_index)
-        fused = self._fuse_requests(images, requests)
+        fused = self._fuse_requests(images, requests, **flags)
+        if output_attentions or output_hidden_states:
+            for name, key in (("itm", "multimodal_output"), ("mlm", "multimodal_masked_output")):
+                if name in fused:
+                    outputs[key] = fused[name]
         if "itm" in active:
             outputs["itm_logits"] = self.itm_head(fused["itm"].pooler_output, itm_prior)
             losses["itm"] = F.cross_entropy(outputs["itm_logits"].float(), itm_labels, ignore_index=-100)
@@ -480,7 +520,9 @@ class XModalForPreTraining(XModalModel):
                 captioning_labels = decoder_input_ids
                 if decoder_attention_mask is not None:
                     captioning_labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, -100)
-            decoded = self.text_decoder(decoder_input_ids, aux_image, decoder_attention_mask, check_values=not checked)
+            decoded = self.text_decoder(
+                decoder_input_ids, aux_image, decoder_attention_mask, check_values=not checked
+            ).last_hidden_state
             outputs["captioning_logits"] = self.lm_head(decoded)
             losses["captioning"] = causal_lm_loss(outputs["captioning_logits"], captioning_labels)
         total = sum(getattr(config, f"{name}_loss_weight") * value for name, value in losses.items())

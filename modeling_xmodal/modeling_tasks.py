@@ -13,21 +13,22 @@ import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_outputs import (
-    CausalLMOutputWithCrossAttentions,
-    ImageClassifierOutput,
-    MaskedLMOutput,
-    SequenceClassifierOutput,
-)
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
-from xmodal.checks import _check_pairs, _check_pixel_values
+from xmodal.checks import _check_pairs
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalTextConfig, XModalVisionConfig
 from xmodal.heads import XModalITMHead, XModalMLMHead, XModalTextDecoder, XModalVQAHead
 from xmodal.losses import causal_lm_loss, masked_language_modeling_loss, vqa_loss
 from xmodal.matching import _itm_loss
 from xmodal.modeling_base import XModalModel, XModalPreTrainedModel, _build_fusion, _require_stream
-from xmodal.outputs import XModalImageTextRetrievalOutput
+from xmodal.outputs import (
+    XModalForConditionalGenerationOutput,
+    XModalFusedPairsOutput,
+    XModalFusionOutput,
+    XModalImageTextRetrievalOutput,
+)
 from xmodal.towers import XModalTextTransformer, XModalVisionTransformer, _build_tower, _pool
 
 
@@ -90,6 +91,8 @@ class XModalForImageTextRetrieval(XModalModel):
         return_loss: bool | None = None,
         rerank_top_k: int | None = None,
         interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
     ) -> XModalImageTextRetrievalOutput:
         r"""Scores every text against every image.
 
@@ -100,18 +103,24 @@ class XModalForImageTextRetrieval(XModalModel):
             return_loss (`bool`, *optional*): contrastive + ITM (hard negatives) loss over the pairs (i, i).
             rerank_top_k (`int`, *optional*): re-rank each text's top-k images with the ITM head
                 (`itm_scores_per_text`); `config.itm_rerank_top_k` is a sensible value.
+            output_attentions, output_hidden_states (`bool`, *optional*, default the config's): the towers' hidden
+                states and attention weights (`vision_model_output`, `text_model_output`), and with `return_loss` the
+                fusion module's on the ITM pairs (`multimodal_output`).
 
         Returns:
             [`XModalImageTextRetrievalOutput`].
         """
-        image = self._encode_image(pixel_values, interpolate_pos_encoding)
-        text = self._encode_text(input_ids, attention_mask, token_type_ids)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        inspected = output_attentions or output_hidden_states
+        image = self._encode_image(pixel_values, interpolate_pos_encoding, **flags)
+        text = self._encode_text(input_ids, attention_mask, token_type_ids, **flags)
         image_embeds, text_embeds = self._embeds(image.last_hidden_state, text.last_hidden_state, attention_mask)
         logits_per_text = self.logits(image_embeds, text_embeds)
-        loss = itm_logits = itm_scores = None
+        loss = itm_logits = itm_scores = fused = None
         if return_loss:
             _check_pairs(logits_per_text)
-            itm, itm_logits = _itm_loss(
+            itm, itm_logits, fused = _itm_loss(
                 self,
                 image.last_hidden_state,
                 text.last_hidden_state,
@@ -119,6 +128,7 @@ class XModalForImageTextRetrieval(XModalModel):
                 input_ids,
                 image_embeds,
                 text_embeds,
+                **flags,
             )
             loss = self.contrastive_objective(logits_per_text) + itm
         if rerank_top_k:
@@ -133,6 +143,9 @@ class XModalForImageTextRetrieval(XModalModel):
             itm_logits=itm_logits,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
+            vision_model_output=image if inspected else None,
+            text_model_output=text if inspected else None,
+            multimodal_output=fused if inspected else None,
         )
 
 
@@ -160,6 +173,32 @@ class XModalFusedPairsModel(XModalPreTrainedModel):
     def _init_head(self) -> None:
         """Adds the subclass's head before `post_init`."""
 
+    def _fused_outputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        interpolate_pos_encoding: bool,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[XModalFusionOutput, dict[str, Any]]:
+        """The fusion output of image i with text i, and the `*_output` fields of [`XModalFusedPairsOutput`] (the
+        towers' and the fusion module's outputs when hidden states or attentions are asked for)."""
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        image, text, fused = self._fused_pairs(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            token_type_ids,
+            interpolate_pos_encoding,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        if not (output_attentions or output_hidden_states):
+            return fused, {}
+        return fused, {"vision_model_output": image, "text_model_output": text, "multimodal_output": fused}
+
 
 class XModalForMaskedLM(XModalFusedPairsModel):
     """Masked language modelling conditioned on the image: the text tower reads the masked text, the fusion module
@@ -181,7 +220,9 @@ class XModalForMaskedLM(XModalFusedPairsModel):
         token_type_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> MaskedLMOutput:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> XModalFusedPairsOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the (masked) text, e.g. from
@@ -190,15 +231,26 @@ class XModalForMaskedLM(XModalFusedPairsModel):
                 with text i.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): original ids at masked
                 positions, -100 elsewhere.
+            output_attentions, output_hidden_states (`bool`, *optional*, default the config's): the towers' and the
+                fusion module's hidden states and attention weights (`vision_model_output`, `text_model_output`,
+                `multimodal_output`).
 
         Returns:
-            `MaskedLMOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, sequence_length,
-            vocab_size)`.
+            [`XModalFusedPairsOutput`] with `loss` (when `labels` are given) and `logits` `(batch_size,
+            sequence_length, vocab_size)`.
         """
-        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        fused, parts = self._fused_outputs(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            token_type_ids,
+            interpolate_pos_encoding,
+            output_attentions,
+            output_hidden_states,
+        )
         logits = self.mlm_head(fused.text_last_hidden_state)
         loss = masked_language_modeling_loss(logits, labels) if labels is not None else None
-        return MaskedLMOutput(loss=loss, logits=logits)
+        return XModalFusedPairsOutput(loss=loss, logits=logits, **parts)
 
 
 class XModalForVisualQuestionAnswering(XModalFusedPairsModel):
@@ -220,21 +272,33 @@ class XModalForVisualQuestionAnswering(XModalFusedPairsModel):
         token_type_ids: torch.LongTensor | None = None,
         labels: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
-    ) -> SequenceClassifierOutput:
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> XModalFusedPairsOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): the questions.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
             labels (`torch.FloatTensor` of shape `(batch_size, num_labels)` soft scores, or `torch.LongTensor` of
                 shape `(batch_size,)` answer indices, *optional*).
+            output_attentions, output_hidden_states (`bool`, *optional*, default the config's): as in
+                [`XModalForMaskedLM`].
 
         Returns:
-            `SequenceClassifierOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, num_labels)`.
+            [`XModalFusedPairsOutput`] with `loss` (when `labels` are given) and `logits` `(batch_size, num_labels)`.
         """
-        fused = self._fused_pairs(input_ids, pixel_values, attention_mask, token_type_ids, interpolate_pos_encoding)
+        fused, parts = self._fused_outputs(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            token_type_ids,
+            interpolate_pos_encoding,
+            output_attentions,
+            output_hidden_states,
+        )
         logits = self.vqa_head(fused.pooler_output)
         loss = vqa_loss(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return XModalFusedPairsOutput(loss=loss, logits=logits, **parts)
 
 
 class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
@@ -248,6 +312,9 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
     >>> processor.batch_decode(captions, skip_special_tokens=True)
     ```
     For VQA, pass the question (without its final [SEP]) as `input_ids`: the answer is generated after it.
+
+    It has no text tower or fusion module: its outputs hold the image tower's (`image_embeds`, and
+    `vision_model_output` when this call encodes the image, not in the cached generation steps) and the decoder's.
     """
 
     main_input_name = "pixel_values"
@@ -274,11 +341,12 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
         # without a generation_config.json, transformers derives one from config.json's text (encoder) config
         self._default_special_tokens(force=bool(getattr(self.generation_config, "_from_model_config", False)))
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
-        input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         encoder_hidden_states: torch.FloatTensor | None = None,
@@ -287,35 +355,55 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithCrossAttentions:
+    ) -> XModalForConditionalGenerationOutput:
         r"""
         Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): the images (the
+                main input, first as in BLIP's `forward`); needed unless `encoder_hidden_states` (the image tower's
+                tokens) are given.
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): decoder tokens starting with
                 `decoder_config.bos_token_id` ([CLS]); a tokenized caption is already in this form.
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): needed unless
-                `encoder_hidden_states` (the image tower's tokens) are given.
             attention_mask (`torch.Tensor` of shape `(batch_size, past + sequence_length)`, *optional*).
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): usually `input_ids`
                 with padding (and any prompt) set to -100; position t is trained to predict label t + 1.
-            cache (`Cache`, *optional*): the decoder's KV cache (generation).
+            cache (`Cache`, *optional*): the decoder's KV cache (generation); the former name `past_key_values` is
+                accepted, with a deprecation warning.
             use_cache (`bool`, *optional*): create and return a cache.
+            output_attentions, output_hidden_states (`bool`, *optional*, default the config's): the decoder's
+                hidden states, self- and cross-attention weights, and the image tower's (`vision_model_output`, when
+                this call encodes the image).
             **kwargs: generation bookkeeping flags passed by GenerationMixin (unused).
 
         Returns:
-            `CausalLMOutputWithCrossAttentions` with `loss`, `logits` `(batch_size, sequence_length, vocab_size)`
-            and `cache`.
+            [`XModalForConditionalGenerationOutput`] with `loss`, `logits` `(batch_size, sequence_length,
+            vocab_size)`, `cache` and the image tokens `image_embeds`.
         """
         if input_ids is None:
             raise ValueError("input_ids (decoder tokens, starting with the BOS/[CLS] id) are required.")
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        vision_output = None
         if encoder_hidden_states is None:
-            encoder_hidden_states = self._encode_image(pixel_values, interpolate_pos_encoding).last_hidden_state
+            vision_output = self._encode_image(pixel_values, interpolate_pos_encoding, **flags)
+            encoder_hidden_states = vision_output.last_hidden_state
         if use_cache and cache is None:
             cache = DynamicCache()
-        hidden_states = self.text_decoder(input_ids, encoder_hidden_states, attention_mask, position_ids, cache)
-        logits = self.lm_head(hidden_states)
+        decoded = self.text_decoder(input_ids, encoder_hidden_states, attention_mask, position_ids, cache, **flags)
+        logits = self.lm_head(decoded.last_hidden_state)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return XModalForConditionalGenerationOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=decoded.hidden_states,
+            attentions=decoded.attentions,
+            cross_attentions=decoded.cross_attentions,
+            image_embeds=encoder_hidden_states,
+            vision_model_output=vision_output if output_attentions or output_hidden_states else None,
+        )
 
     @torch.no_grad()
     def generate(
@@ -377,7 +465,10 @@ class XModalForConditionalGeneration(XModalPreTrainedModel, GenerationMixin):
 
 
 class XModalForImageClassification(XModalPreTrainedModel):
-    """The xmodal image tower with a linear classifier on its pooled output (the first fine-tuning target)."""
+    """The xmodal image tower with a linear classifier on its pooled output (the first fine-tuning target).
+
+    Of transformers' conventions, `resize_token_embeddings` does not fit: the model has no token embeddings (no text
+    tower or decoder), so it raises `NotImplementedError`, as transformers' `get_input_embeddings` does."""
 
     main_input_name = "pixel_values"
 
@@ -396,26 +487,32 @@ class XModalForImageClassification(XModalPreTrainedModel):
         labels: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
     ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
             labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class indices in
                 `[0, config.num_labels)` (float targets for regression / multi-label, following `problem_type`).
+            output_hidden_states, output_attentions (`bool`, *optional*, default the config's): the image tower's
+                hidden states (`vision_config.num_hidden_layers + 1` tensors `(batch_size, num_tokens, hidden_size)`)
+                and attention weights per layer, as `CLIPForImageClassification`.
 
         Returns:
-            `ImageClassifierOutput` with `loss` (when `labels` are given) and `logits` `(batch_size, num_labels)`.
+            `ImageClassifierOutput` with `loss` (when `labels` are given), `logits` `(batch_size, num_labels)`,
+            `hidden_states` and `attentions`.
         """
-        _check_pixel_values(pixel_values, getattr(self.config.vision_config, "num_channels", None))
-        kwargs = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}
-        if output_hidden_states is None:
-            output_hidden_states = bool(self.config.output_hidden_states)
-        outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_hidden_states, **kwargs)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        outputs = self._encode_image(
+            pixel_values, interpolate_pos_encoding, output_hidden_states, output_attentions=output_attentions
+        )
         logits = self.classifier(_pool(outputs.last_hidden_state, self.config.vision_pooling, is_image=True))
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config)
-        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 __all__ = [

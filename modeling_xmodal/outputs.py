@@ -10,8 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithCrossAttentions,
+)
 from transformers.utils import ModelOutput
+
+
+def _nested_to_tuple(output: ModelOutput) -> tuple[Any, ...]:
+    """`output.to_tuple()` with its nested outputs (the per-tower `*_output` fields) as tuples too, as CLIP's."""
+    return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in output.values())
 
 
 @dataclass
@@ -27,7 +36,10 @@ class XModalOutput(ModelOutput):
         text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`): L2-normalised.
         image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`): L2-normalised.
         text_model_output, vision_model_output (`BaseModelOutputWithPooling`): the tower outputs; their
-            `pooler_output` is the projected (unnormalised) embedding.
+            `pooler_output` is the projected (unnormalised) embedding, their `hidden_states` / `attentions` the
+            tower's (with `output_hidden_states` / `output_attentions`).
+        multimodal_output (`XModalFusionOutput`, *optional*, with `return_multimodal_output=True`): the fusion
+            module's output for the pairs (image i with text i).
     """
 
     loss: torch.FloatTensor | None = None
@@ -37,12 +49,10 @@ class XModalOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     text_model_output: BaseModelOutputWithPooling | None = None
     vision_model_output: BaseModelOutputWithPooling | None = None
+    multimodal_output: XModalFusionOutput | None = None
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(
-            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
-            for k in self.keys()
-        )
+        return _nested_to_tuple(self)
 
 
 @dataclass
@@ -58,11 +68,26 @@ class XModalFusionOutput(ModelOutput):
         image_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches + 1, cross_hidden_size)`):
             image tokens after fusion (the projected tower output when the image provides no queries; None then if
             the pairs were given by `image_index`, rather than copying each image once per pair).
+        text_hidden_states, image_hidden_states (`tuple(torch.FloatTensor)`, *optional*, with
+            `output_hidden_states=True`, for each stream that has fusion layers): `num_hidden_layers + 1` tensors of
+            shape `(batch_size, length, cross_hidden_size)`, the stream's projected input, then each layer's output
+            (before the final LayerNorm).
+        text_attentions, image_attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True`):
+            each layer's self-attention weights of the stream, `(batch_size, num_heads, length, length)`.
+        text_cross_attentions, image_cross_attentions (`tuple(torch.FloatTensor)`, *optional*, with
+            `output_attentions=True`): each layer's cross-attention weights of the stream's queries over the other
+            modality's tokens, `(batch_size, num_heads, length, other_length)`.
     """
 
     pooler_output: torch.FloatTensor | None = None
     text_last_hidden_state: torch.FloatTensor | None = None
     image_last_hidden_state: torch.FloatTensor | None = None
+    text_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    text_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_attentions: tuple[torch.FloatTensor, ...] | None = None
+    text_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -82,6 +107,13 @@ class XModalForPreTrainingOutput(ModelOutput):
         mim_logits (`torch.FloatTensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`).
         captioning_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
         vqa_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`).
+        vision_model_output, text_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` or
+            `output_attentions`): the towers' outputs on the pairs, with their `hidden_states` / `attentions`.
+        multimodal_output (`XModalFusionOutput`, *optional*, likewise, with ITM and `return_loss`): the fusion
+            module's output on the ITM pairs (the rows of `itm_logits`), its text stream's hidden states and
+            attentions included.
+        multimodal_masked_output (`XModalFusionOutput`, *optional*, likewise, with MLM and `return_loss`): the
+            fusion module's output on the masked captions with their images (the pairs MLM sees), as FLAVA's.
     """
 
     loss: torch.FloatTensor | None = None
@@ -100,6 +132,13 @@ class XModalForPreTrainingOutput(ModelOutput):
     mim_logits: torch.FloatTensor | None = None
     captioning_logits: torch.FloatTensor | None = None
     vqa_logits: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+    text_model_output: BaseModelOutput | None = None
+    multimodal_output: XModalFusionOutput | None = None
+    multimodal_masked_output: XModalFusionOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self)
 
 
 @dataclass
@@ -115,6 +154,10 @@ class XModalImageTextRetrievalOutput(ModelOutput):
         itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`, or `(3 * batch_size, 2)` with
             `itm_sampling="all"`, *optional*): the ITM logits of the loss.
         image_embeds, text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised.
+        vision_model_output, text_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` or
+            `output_attentions`): the towers' outputs, with their `hidden_states` / `attentions`.
+        multimodal_output (`XModalFusionOutput`, *optional*, likewise, with `return_loss`): the fusion module's output
+            on the ITM pairs (the rows of `itm_logits`).
     """
 
     loss: torch.FloatTensor | None = None
@@ -124,10 +167,71 @@ class XModalImageTextRetrievalOutput(ModelOutput):
     itm_logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
     text_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+    text_model_output: BaseModelOutput | None = None
+    multimodal_output: XModalFusionOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self)
+
+
+@dataclass
+class XModalFusedPairsOutput(ModelOutput):
+    r"""Output of the heads on fused image-text pairs: [`XModalForMaskedLM`] and [`XModalForVisualQuestionAnswering`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, when `labels` are given).
+        logits (`torch.FloatTensor`): `(batch_size, sequence_length, vocab_size)` token logits (masked language
+            modelling) or `(batch_size, num_labels)` answer logits (VQA).
+        vision_model_output, text_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` or
+            `output_attentions`): the towers' outputs, with their `hidden_states` / `attentions`.
+        multimodal_output (`XModalFusionOutput`, *optional*, likewise): the fusion module's, with each fused stream's
+            hidden states, self- and cross-attentions; the head reads its fused text tokens (MLM) or its pooled
+            output (VQA).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+    text_model_output: BaseModelOutput | None = None
+    multimodal_output: XModalFusionOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self)
+
+
+@dataclass
+class XModalForConditionalGenerationOutput(CausalLMOutputWithCrossAttentions):
+    r"""Output of [`XModalForConditionalGeneration`]: the decoder's, as transformers' `CausalLMOutputWithCrossAttentions`,
+    and the image it reads (BLIP's `image_embeds`).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, when `labels` are given): the captioning loss.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
+        cache (`Cache`, *optional*, with `use_cache=True`): the decoder's KV cache.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`): the decoder's
+            embeddings and each layer's output, `(batch_size, sequence_length, decoder_hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True`): the decoder's causal
+            self-attention weights per layer, `(batch_size, num_heads, sequence_length, past + sequence_length)`.
+        cross_attentions (`tuple(torch.FloatTensor)`, *optional*, likewise): the decoder's attention over the image
+            tokens per layer, `(batch_size, num_heads, sequence_length, num_image_tokens)`.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, vision_hidden_size)`): the image
+            tower's tokens the decoder attends to.
+        vision_model_output (`BaseModelOutput`, *optional*, with `output_hidden_states` or `output_attentions`, when
+            the image was encoded by this call): the image tower's output, with its `hidden_states` / `attentions`.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _nested_to_tuple(self)
 
 
 __all__ = [
+    "XModalForConditionalGenerationOutput",
     "XModalForPreTrainingOutput",
+    "XModalFusedPairsOutput",
     "XModalFusionOutput",
     "XModalImageTextRetrievalOutput",
     "XModalOutput",

@@ -13,10 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
 
 from xmodal.configuration.configuration_xmodal import XModalTextConfig, XModalVisionConfig
-from xmodal.layers import XModalEncoder, _additive_padding_mask, _causal_mask, _keep_visible, _TokenPacking
+from xmodal.layers import (
+    XModalAttention,
+    XModalEncoder,
+    XModalMLP,
+    XModalPreTrainedSubModel,
+    _additive_padding_mask,
+    _causal_mask,
+    _keep_visible,
+    _TokenPacking,
+)
 
 
 class XModalVisionEmbeddings(nn.Module):
@@ -91,19 +101,33 @@ class XModalVisionEmbeddings(nn.Module):
         return self.dropout(torch.cat([class_token, patches], dim=1))
 
 
-class XModalVisionTransformer(nn.Module):
-    """The built-in ViT image tower: `pixel_values` `(B, C, H, W)` -> tokens `(B, 1 + num_patches, D)`, final
-    LayerNorm applied (and, with `config.pre_layernorm`, one on the embeddings, as in CLIP)."""
+class XModalVisionTransformer(XModalPreTrainedSubModel):
+    """The built-in ViT image tower, a `PreTrainedModel` on `XModalVisionConfig` (as CLIP's `CLIPVisionModel`):
+    `pixel_values` `(B, C, H, W)` -> tokens `(B, 1 + num_patches, D)`, final LayerNorm applied (and, with
+    `config.pre_layernorm`, one on the embeddings, as in CLIP)."""
+
+    config_class = XModalVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["XModalEncoderLayer", "XModalVisionEmbeddings"]
 
     def __init__(self, config: XModalVisionConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embeddings = XModalVisionEmbeddings(config)
         self.pre_layernorm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layernorm else None
         )
         self.encoder = XModalEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, XModalVisionEmbeddings):
+            init.trunc_normal_(module.class_embedding, std=module.config.initializer_range)
+            init.trunc_normal_(module.position_embedding, std=module.config.initializer_range)
+        if self.config.initialization == "clip":
+            _clip_initialization(self, module)
 
     def forward(
         self,
@@ -111,13 +135,31 @@ class XModalVisionTransformer(nn.Module):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         bool_masked_pos: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`).
+            interpolate_pos_encoding (`bool`): interpolate the position embeddings for another resolution.
+            output_hidden_states (`bool`): return `hidden_states`, the input of the first layer (the embeddings,
+                after `pre_layernorm`) and each layer's output, `(batch_size, num_tokens, hidden_size)` each (before
+                the final LayerNorm, as CLIP's).
+            bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*): patches dropped
+                before the encoder (MAE); `num_tokens` is then `1 + num_visible`.
+            output_attentions (`bool`): return `attentions`, each layer's `(batch_size, num_heads, num_tokens,
+                num_tokens)` weights (with an implementation that computes them, e.g. eager).
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` `(batch_size, num_tokens, hidden_size)`.
+        """
         hidden_states = self.embeddings(
             pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
         )
         if self.pre_layernorm is not None:
             hidden_states = self.pre_layernorm(hidden_states)
-        outputs = self.encoder(hidden_states, output_hidden_states=output_hidden_states)
+        outputs = self.encoder(
+            hidden_states, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         outputs.last_hidden_state = self.post_layernorm(outputs.last_hidden_state)
         return outputs
 
@@ -200,24 +242,41 @@ class XModalTextEmbeddings(nn.Module):
         return self.dropout(embeddings)
 
 
-class XModalTextTransformer(nn.Module):
-    """The built-in BERT-style bidirectional text tower: `input_ids` `(B, L)` (or word embeddings `inputs_embeds`
-    `(B, L, D)`) -> tokens `(B, L, D)` with padding-aware self-attention and a final LayerNorm. With
-    `config.is_causal` the self-attention is causal, as in CLIP's text tower.
+class XModalTextTransformer(XModalPreTrainedSubModel):
+    """The built-in BERT-style bidirectional text tower, a `PreTrainedModel` on `XModalTextConfig` (as CLIP's
+    `CLIPTextModel`): `input_ids` `(B, L)` (or word embeddings `inputs_embeds` `(B, L, D)`) -> tokens `(B, L, D)` with
+    padding-aware self-attention and a final LayerNorm. With `config.is_causal` the self-attention is causal, as in
+    CLIP's text tower.
 
     On CPU a padded batch runs unpadded: the projections, MLPs and LayerNorms see only the real tokens (see
     `_TokenPacking`), so padding costs no compute outside attention; the outputs at padding positions are zeros.
     `skip_padding` (default None: on CPU only) sets where: on a GPU, gathering the real tokens needs a host
-    synchronisation that cost more than the padding in `bench/train_step.py` (H200, bf16). Under `torch.compile`
-    the padded layout is always kept (no data-dependent shapes)."""
+    synchronisation that cost more than the padding in `bench/train_step.py` (H200, bf16). Under `torch.compile`,
+    and when hidden states or attentions are asked for (so that they are the tensors of the computation, e.g. for
+    `retain_grad`), the padded layout is kept."""
+
+    config_class = XModalTextConfig
+    input_modalities = ("text",)
+    _no_split_modules = ["XModalEncoderLayer", "XModalTextEmbeddings"]
 
     def __init__(self, config: XModalTextConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.skip_padding: bool | None = None
         self.embeddings = XModalTextEmbeddings(config)
         self.encoder = XModalEncoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if self.config.initialization == "clip":
+            _clip_initialization(self, module)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
 
     def forward(
         self,
@@ -227,6 +286,7 @@ class XModalTextTransformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> BaseModelOutput:
         r"""
         Args:
@@ -234,8 +294,15 @@ class XModalTextTransformer(nn.Module):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for tokens, 0 for
                 padding.
             token_type_ids, position_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*).
+            output_hidden_states (`bool`): return `hidden_states`, the embeddings and each layer's output,
+                `(batch_size, sequence_length, hidden_size)` each (before the final LayerNorm).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
                 word embeddings instead of `input_ids` (exactly one of the two).
+            output_attentions (`bool`): return `attentions`, each layer's `(batch_size, num_heads, sequence_length,
+                sequence_length)` weights (with an implementation that computes them, e.g. eager).
+
+        Returns:
+            `BaseModelOutput` with `last_hidden_state` `(batch_size, sequence_length, hidden_size)`.
         """
         hidden_states = self.embeddings(
             input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
@@ -247,13 +314,46 @@ class XModalTextTransformer(nn.Module):
             mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
         packing = None
         skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
-        if mask is not None and skip and not torch.compiler.is_compiling():
+        inspected = output_hidden_states or output_attentions
+        if mask is not None and skip and not inspected and not torch.compiler.is_compiling():
             packing = _TokenPacking.from_mask(attention_mask)
             hidden_states = packing.unpad(hidden_states)  # (N, D)
-        outputs = self.encoder(hidden_states, mask, output_hidden_states=output_hidden_states, packing=packing)
+        outputs = self.encoder(
+            hidden_states,
+            mask,
+            output_hidden_states=output_hidden_states,
+            packing=packing,
+            output_attentions=output_attentions,
+        )
         last_hidden_state = self.final_layer_norm(outputs.last_hidden_state)
         outputs.last_hidden_state = packing.pad(last_hidden_state) if packing is not None else last_hidden_state
         return outputs
+
+
+def _clip_initialization(tower: nn.Module, module: nn.Module) -> None:
+    """CLIP's scaled initialisation (transformers' `CLIPPreTrainedModel._init_weights`, factor 1) of `module`, a
+    submodule of the built-in `tower`: for width d and depth L, attention inputs N(0, d^-0.5 (2L)^-0.5), attention
+    outputs N(0, d^-0.5), MLP inputs N(0, (2d)^-0.5), MLP outputs N(0, d^-0.5 (2L)^-0.5), their biases 0, the [CLS]
+    embedding N(0, d^-0.5). The tower's `_init_weights` calls it after transformers' N(0, initializer_range) draw
+    (transformers initialises the modules that hold parameters, so the projections are recognised by their owner)."""
+    width, depth = tower.config.hidden_size, tower.config.num_hidden_layers
+    input_std = width**-0.5 * (2 * depth) ** -0.5
+    if isinstance(module, XModalVisionEmbeddings):
+        init.normal_(module.class_embedding, std=width**-0.5)
+        return
+    if not isinstance(module, nn.Linear):
+        return
+    for owner in tower.modules():
+        if isinstance(owner, XModalAttention):
+            stds = {owner.qkv_proj: input_std, owner.out_proj: width**-0.5}
+        elif isinstance(owner, XModalMLP):
+            stds = {owner.fc1: (2 * width) ** -0.5, owner.fc2: input_std}
+        else:
+            continue
+        if module in stds:
+            init.normal_(module.weight, std=stds[module])
+            init.zeros_(module.bias)
+            return
 
 
 def _build_tower(

@@ -135,7 +135,9 @@ def expected_shapes(head_class: type, tester, with_labels: bool) -> dict[str, tu
         }
     if head_class is XModalForImageTextRetrieval:
         return {**contrastive, "itm_logits": (b, 2)} if with_labels else contrastive
-    if head_class in (XModalForMaskedLM, XModalForConditionalGeneration):
+    if head_class is XModalForConditionalGeneration:
+        return {"logits": (b, length, vocab), "image_embeds": (b, num_tokens, tester.hidden_size)}
+    if head_class is XModalForMaskedLM:
         return {"logits": (b, length, vocab)}
     return {"logits": (b, NUM_LABELS)}
 

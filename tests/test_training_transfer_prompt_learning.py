@@ -49,8 +49,11 @@ def one_thread() -> Iterator[None]:
 
 def _colour_model(folder: Path, steps: int = 60) -> tuple[XModalModel, XModalProcessor]:
     """The tiny model of test_training_inference, trained contrastively for a few steps to match each colour name
-    with its solid-colour image (so that prompts matter: a random text tower embeds every prompt alike), saved."""
-    model, processor = save_tiny_model(folder)
+    with its solid-colour image (so that prompts matter: a random text tower embeds every prompt alike), saved. From
+    some initialisations 60 steps stay on (or barely leave) the plateau where every caption is embedded alike (loss
+    ln 8); from seed 3's the prompts then lower the loss by 1.0 and 2.7, far above the tests' 0.05 (the draw depends
+    on the order the modules are built and initialised in)."""
+    model, processor = save_tiny_model(folder, seed=3)
     names = list(COLORS)
     pixel_values = processor(images=[solid(name) for name in names], return_tensors="pt")["pixel_values"]
     text = processor(text=names, padding=True, return_tensors="pt")
