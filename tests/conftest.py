@@ -86,6 +86,16 @@ class XModalModelTester:
         return inputs
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run fastest on one thread; several threads on a shared 2-core machine thrash (20x slower).
+    Modules of tiny-model tests use it with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tester() -> XModalModelTester:
     return XModalModelTester()

@@ -28,12 +28,7 @@ SUB_CONFIGS = ("vision_config", "text_config", "cross_config", "decoder_config",
 VOCABULARY_HEADS = [h for h in HEADS if h is not XModalForImageClassification]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _inputs(head_class: type, tester, with_labels: bool = False, padding: str = "right") -> dict:

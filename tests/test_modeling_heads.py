@@ -49,13 +49,7 @@ AUTO_CLASSES = {
 UNUSED_BY_LOSS = {XModalModel: ("cross_model.",)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core machine thrash (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def build_heads(tester, **overrides) -> dict[type, torch.nn.Module]:
