@@ -453,8 +453,9 @@ class XModalConfig(PreTrainedConfig):
             detached) added to the ITM match logit, so that matching starts from the dual encoder's ranking and the
             fusion module learns what it misses; learned from there. 0 gives ALBEF's plain head on the fused [CLS].
         auxiliary_batch_size (`int`, *optional*): MLM, MIM, captioning and VQA see only the first this many pairs
-            of each batch (their cost grows with the pairs they see), while the contrastive loss and ITM keep every
-            pair and its negatives; None (default): every pair.
+            of each batch, and ITM fuses only these pairs and their negatives (the costs grow with the pairs fused),
+            while the contrastive loss keeps every pair and ITM draws its negatives from every pair; None (default):
+            every pair.
         itm_rerank_top_k (`int`): candidates per query that [`XModalForImageTextRetrieval`] re-ranks with ITM.
         mlm_probability (`float`): share of text tokens masked for MLM (BERT's 80/10/10 rule applies).
         mask_token_id (`int`): the [MASK] id; special_token_ids (`list[int]`): ids never masked (default:

@@ -82,38 +82,41 @@ def _itm_inputs(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
     global_batch: BatchGatherer,
+    num_anchors: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The image-text matching pairs of this process's B texts and images, with negatives sampled by `_itm_pairs` from
-    the global batch of M = N x B pairs (M = B on one process):
+    """The image-text matching pairs of this process's first K texts and images (the anchors: K = `num_anchors`, or
+    all B), with negatives sampled by `_itm_pairs` from the global batch of M = N x B pairs (M = B on one process):
 
-    - `config.itm_sampling="all"` (ALBEF): B positives, B texts with a negative image, B images with a negative text;
-    - `"half"` (the UNITER/ViLT budget): B pairs, each kept with probability 1/2, else given a negative image or a
+    - `config.itm_sampling="all"` (ALBEF): K positives, K texts with a negative image, K images with a negative text;
+    - `"half"` (the UNITER/ViLT budget): K pairs, each kept with probability 1/2, else given a negative image or a
       negative text (1/4 each); a pair with no possible negative stays positive.
 
     Returns `(texts (n, L, D), attention_mask (n, L), image_index (n,), labels (n,), contrastive_logits (n,))`,
-    n = 3B or B, with `image_index` into the global batch's images; labels are 1 for a match, 0 for a negative, -100
+    n = 3K or K, with `image_index` into the global batch's images; labels are 1 for a match, 0 for a negative, -100
     for a negative that could not be drawn; `contrastive_logits` are each pair's (detached), for `XModalITMHead`."""
     batch_size = input_ids.shape[0]
+    anchors = batch_size if num_anchors is None else min(num_anchors, batch_size)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    index = global_batch.rank * batch_size + torch.arange(batch_size, device=input_ids.device)
+    index = global_batch.rank * batch_size + torch.arange(anchors, device=input_ids.device)
     with torch.no_grad():
-        all_keys = global_batch.gather(_caption_keys(input_ids, attention_mask))
-        allowed = all_keys[None, :] != _caption_keys(input_ids, attention_mask)[:, None]  # (B, M)
+        keys = _caption_keys(input_ids, attention_mask)
+        all_keys = global_batch.gather(keys)
+        allowed = all_keys[None, :] != keys[:anchors, None]  # (K, M)
         all_image_embeds, all_text_embeds = (
             global_batch.gather(image_embeds.detach()),
             global_batch.gather(text_embeds.detach()),
         )
-        text_to_image = model.logits(all_image_embeds, text_embeds)
-        image_to_text = model.logits(image_embeds, all_text_embeds).t()
+        text_to_image = model.logits(all_image_embeds, text_embeds[:anchors])
+        image_to_text = model.logits(image_embeds[:anchors], all_text_embeds).t()
     all_texts, all_masks = global_batch.gather(text_hidden_states), global_batch.gather(attention_mask)
     neg_image, neg_text, has_negative = _itm_pairs(
         text_to_image, image_to_text, allowed, model.config.itm_hard_negatives
     )
-    ones = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+    ones = torch.ones(anchors, dtype=torch.long, device=input_ids.device)
     if model.config.itm_sampling == "half":
         with torch.no_grad():
-            draw = torch.rand(batch_size, device=input_ids.device)
+            draw = torch.rand(anchors, device=input_ids.device)
             swap_image = (draw < 0.25) & has_negative
             swap_text = (draw >= 0.25) & (draw < 0.5) & has_negative
             image_index = torch.where(swap_image, neg_image, index)

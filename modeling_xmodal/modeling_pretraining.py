@@ -425,11 +425,12 @@ class XModalForPreTraining(XModalModel):
         if "itm" in active:
             images, batch_index = global_batch.gather(image), batch_index + global_batch.rank * input_ids.shape[0]
             itm_texts, itm_masks, itm_index, itm_labels, itm_prior = _itm_inputs(
-                self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch
-            )
+                self, text, attention_mask, input_ids, image_embeds, text_embeds, global_batch,
+                config.auxiliary_batch_size,
+            )  # fmt: skip
             requests["itm"] = (itm_texts, itm_masks, itm_index)
-        # MLM, VQA, MIM and captioning see the first `auxiliary_batch_size` pairs only (their cost grows with the
-        # pairs they see; the contrastive loss and ITM keep every pair and its negatives)
+        # MLM, VQA, MIM and captioning see the first `auxiliary_batch_size` pairs only, and so do ITM's anchors
+        # (their cost grows with the pairs they see); the contrastive loss and ITM's negatives keep every pair
         rows = slice(None) if config.auxiliary_batch_size is None else slice(0, config.auxiliary_batch_size)
         aux_ids, aux_mask, aux_types = input_ids[rows], _rows(attention_mask, rows), _rows(token_type_ids, rows)
         aux_image, aux_text, aux_index = image[rows], text[rows], batch_index[rows]

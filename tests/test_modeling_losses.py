@@ -807,6 +807,28 @@ def test_itm_half_sampling_replaces_about_half_of_the_pairs(tester):
     assert labels.tolist() == [1, 1, 1, 1] and image_index.tolist() == [0, 1, 2, 3]
 
 
+def test_itm_on_the_auxiliary_rows_draws_negatives_from_the_whole_batch(tester):
+    """`auxiliary_batch_size` K: ITM fuses the first K pairs (and their negatives, 3K with "all"), the negatives
+    being drawn from all B pairs of the batch."""
+    from xmodal.matching import _itm_inputs, _LocalBatch
+
+    model = XModalForPreTraining(tester.get_config(itm_sampling="all", itm_hard_negatives=False))
+    batch, anchors, length = 32, 4, 5
+    input_ids = torch.arange(batch * length).reshape(batch, length) % 97 + 1
+    text = torch.randn(batch, length, 8)
+    embeds = F.normalize(torch.randn(batch, model.config.projection_dim), dim=-1)
+    torch.manual_seed(0)
+    picked = set()
+    for _ in range(20):
+        texts, masks, image_index, labels, prior = _itm_inputs(
+            model, text, None, input_ids, embeds, embeds, _LocalBatch(), anchors
+        )
+        assert texts.shape == (3 * anchors, length, 8) and labels.tolist() == [1] * anchors + [0] * 2 * anchors
+        assert image_index[:anchors].tolist() == list(range(anchors))
+        picked.update(image_index[anchors : 2 * anchors].tolist())
+    assert max(picked) >= anchors  # negative images come from beyond the anchors
+
+
 @pytest.mark.parametrize("sampling, steps, target", [("all", 100, 0.35), ("half", 300, 0.6)])
 def test_itm_head_learns_to_tell_pairs_from_negatives(sampling, steps, target):
     """ITM can fit a fixed set of 8 pairs (random images and texts): its loss falls well below the label prior

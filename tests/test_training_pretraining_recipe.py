@@ -117,6 +117,14 @@ def test_loss_balancing_math():
     before = running.running_mean.clone()
     running(losses)
     assert torch.equal(running.running_mean, before)
+    # relative_scale: the anchor (first objective) as it is, the others scaled to its running mean
+    relative = LossBalancer(weights, "relative_scale", momentum=0.9)
+    assert relative(losses).item() == pytest.approx(4.0 + 0.5 * 4.0)
+    assert relative(halved).item() == pytest.approx(2.0 + 0.5 * 20.0 * mean / 20.0, rel=1e-5)
+    assert relative.effective_weights().tolist() == pytest.approx([1.0, 0.5 * mean / 20.0], rel=1e-5)
+    # before the anchor has a running mean, the others are scaled as running_scale does
+    unanchored = LossBalancer(weights, "relative_scale", momentum=0.9)
+    assert unanchored({"vqa": torch.tensor(20.0)}).item() == pytest.approx(0.5)
     # uncertainty (Kendall et al. 2018): exp(-s) L + s / 2, with s learned
     uncertainty = LossBalancer(weights, "uncertainty")
     total = uncertainty({name: value.requires_grad_() for name, value in losses.items()})
@@ -131,7 +139,7 @@ def test_loss_balancing_math():
         LossBalancer(weights)({})
 
 
-@pytest.mark.parametrize("mode", ["none", "running_scale", "uncertainty"])
+@pytest.mark.parametrize("mode", ["none", "running_scale", "relative_scale", "uncertainty"])
 def test_loss_balancing_of_a_step_that_skips_objectives(mode):
     """A contrastive-only step (`--auxiliary_every`) sums what it computed and moves only that objective's
     statistics; the skipped objective's running mean and count stay put."""
@@ -148,6 +156,10 @@ def test_loss_balancing_of_a_step_that_skips_objectives(mode):
         assert balancer.num_updates.tolist() == [2, 1]
         assert balancer.running_mean[1] == before["running_mean"][1]
         assert balancer.effective_weights()[1].item() == pytest.approx(0.5 / 20.0, rel=1e-5)
+    elif mode == "relative_scale":
+        assert total.item() == pytest.approx(2.0)
+        assert balancer.num_updates.tolist() == [2, 1]
+        assert balancer.running_mean[1] == before["running_mean"][1]
     else:
         assert total.item() == pytest.approx(2.0)
     # a checkpoint of an older balancer (one update count for all objectives) still loads

@@ -109,7 +109,7 @@ class ContrastiveLoss(nn.Module):
         ) / 2.0
 
 
-LOSS_BALANCING: tuple[str, ...] = ("none", "running_scale", "uncertainty")
+LOSS_BALANCING: tuple[str, ...] = ("none", "running_scale", "relative_scale", "uncertainty")
 """How `LossBalancer` combines the objectives of a multi-task step."""
 
 
@@ -125,13 +125,18 @@ def _process_mean(values: torch.Tensor) -> torch.Tensor:
 
 class LossBalancer(nn.Module):
     r"""Combines the losses of a multi-task step, $L = \sum_i w_i \, f_i(L_i)$, with the weights `w_i` of the
-    objectives (`XModalConfig.<objective>_loss_weight`) and one of three schemes:
+    objectives (`XModalConfig.<objective>_loss_weight`) and one of four schemes:
 
     - `"none"`: $f_i(L) = L$, the fixed weighted sum that `XModalForPreTraining` returns;
     - `"running_scale"`: $f_i(L) = L / m_i$, with $m_i$ a bias-corrected exponential moving average (decay `momentum`)
       of $L_i$ over the steps, this step included (not differentiated), so that each objective weighs $w_i$ whatever
       its units: a VQA loss of 20 at the start no longer drowns an InfoNCE of 4, and an objective whose loss has
       fallen by half counts as much as before;
+    - `"relative_scale"`: $f_0(L) = L$ for the first objective (the anchor: the contrastive loss where it is trained)
+      and $f_i(L) = L \, m_0 / m_i$ for the others, with the same running means: each auxiliary loss weighs $w_i$
+      times the anchor whatever its units, while the anchor's gradient keeps the scale it has alone. Dividing the
+      anchor too (`running_scale`) makes its gradient grow as its loss falls, which changes AdamW's effective step
+      over the run (`bench/RESULTS.md`, "Multi-task at equal wall-clock": it halves contrastive R@1);
     - `"uncertainty"`: learned homoscedastic-uncertainty weights (Kendall, Gal and Cipolla, CVPR 2018, the form for
       classification losses): $f_i(L) = e^{-s_i} L + s_i / 2$ with a learnable $s_i = \log \sigma_i^2$ per objective
       (initialised at 0), so the weight of each objective settles near $1 / (2 L_i)$. The parameters must be given to
@@ -165,9 +170,13 @@ class LossBalancer(nn.Module):
 
     def effective_weights(self) -> torch.Tensor:
         """`(num_objectives,)`: what each loss is multiplied by now (for logging)."""
-        if self.mode == "running_scale":
+        if self.mode in ("running_scale", "relative_scale"):
             correction = 1.0 - self.momentum ** self.num_updates.clamp(min=1).float()
-            return self.weights / (self.running_mean / correction).clamp(min=1e-8)
+            scale = (self.running_mean / correction).clamp(min=1e-8)
+            if self.mode == "relative_scale":
+                # relative to the anchor's scale, once the anchor has a running mean
+                scale = scale / torch.where(self.num_updates[0] > 0, scale[0], torch.ones_like(scale[0]))
+            return self.weights / scale
         if self.mode == "uncertainty":
             return self.weights * torch.exp(-self.log_variance.detach())
         return self.weights.clone()
@@ -182,7 +191,7 @@ class LossBalancer(nn.Module):
         if self.mode == "none":
             return (weights * values).sum()
         mean = _process_mean(values)
-        if self.mode == "running_scale":
+        if self.mode in ("running_scale", "relative_scale"):
             if self.training and torch.isfinite(mean).all():
                 decay = torch.full_like(self.running_mean, 1.0)
                 decay[present] = self.momentum

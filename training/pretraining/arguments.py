@@ -109,8 +109,10 @@ class PretrainArguments(DataArguments):
         default="none",
         metadata={
             "help": "How the objectives' losses are combined: none (the weighted sum), running_scale (each divided "
-            "by a running average of itself, so each weighs its weight whatever its units) or uncertainty (learned "
-            "weights, Kendall et al. 2018)."
+            "by a running average of itself, so each weighs its weight whatever its units), relative_scale (the same "
+            "for every objective but the contrastive one, each scaled to the contrastive loss's running average, "
+            "which keeps the contrastive gradient as it is alone) or uncertainty (learned weights, Kendall et al. "
+            "2018)."
         },
     )
     augment: bool = field(
@@ -138,8 +140,8 @@ class PretrainArguments(DataArguments):
     auxiliary_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Pairs of each batch that MLM, MIM, captioning and VQA see (the first ones; default: all); the "
-            "contrastive loss and ITM always see the whole batch."
+            "help": "Pairs of each batch that MLM, MIM, captioning, VQA and ITM fuse (the first ones; default: "
+            "all); the contrastive loss sees the whole batch, and ITM draws its negatives from all of it."
         },
     )
     auxiliary_every: int = field(
