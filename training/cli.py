@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from transformers import HfArgumentParser
 
 from xmodal.training.data.pipeline import DataArguments
+from xmodal.training.data.webdataset import is_webdataset_source
 
 if TYPE_CHECKING:
     from xmodal import XModalModel, XModalProcessor
@@ -91,6 +92,11 @@ class EvaluateArguments(DataArguments):
                 raise ValueError(
                     f"--linear_probe needs class labels: name their column of {self.dataset} with "
                     "--linear_probe_label_column COLUMN."
+                )
+            if is_webdataset_source(self.dataset):
+                raise ValueError(
+                    f"--linear_probe reads training rows by index, which streamed WebDataset shards ({self.dataset}) "
+                    "do not offer; probe on a map-style source (an imagefolder, a caption table, a datasets name)."
                 )
 
     def probe_label_column(self) -> str | None:

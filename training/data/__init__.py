@@ -1,4 +1,5 @@
-"""Datasets for xmodal pretraining; the embedded default is the procedural scene dataset of :mod:`.synthetic`."""
+"""Datasets for xmodal pretraining; the embedded default is the procedural scene dataset of :mod:`.synthetic`, and
+:mod:`.webdataset` reads tar shards."""
 
 from .sources import (
     BAD_ROW_MARKER,
@@ -41,6 +42,13 @@ from .synthetic import (
     render_scene,
     sample_scene,
 )
+from .webdataset import (
+    expand_braces,
+    hold_out_shards,
+    is_webdataset_source,
+    shard_across_processes,
+    webdataset_shards,
+)
 
 __all__ = [
     "STYLE_SHIFTS",
@@ -78,4 +86,9 @@ __all__ = [
     "load_image_text_dataset",
     "split_bad_rows",
     "with_lazy_decoding",
+    "expand_braces",
+    "hold_out_shards",
+    "is_webdataset_source",
+    "shard_across_processes",
+    "webdataset_shards",
 ]

@@ -11,6 +11,10 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict,
 
 from .sources import BAD_ROW_MARKER, ImageTextDecoder, load_image_text_dataset, with_lazy_decoding
 from .synthetic import caption_corpus
+from .webdataset import hold_out_shards, is_webdataset_source, shard_across_processes, webdataset_shards
+
+STREAMED_CORPUS_ROWS = 100_000
+"""The captions of at most this many training rows (the first ones) train the tokenizer of a WebDataset source."""
 
 
 @dataclass
@@ -21,15 +25,24 @@ class DataArguments:
         default="synthetic",
         metadata={
             "help": "Image-text data: 'synthetic' (the embedded procedural scenes), a local imagefolder with "
-            "metadata.jsonl, a CSV/JSON-lines file of image paths and captions, or a datasets name."
+            "metadata.jsonl, a CSV/JSON-lines file of image paths and captions, WebDataset .tar shards (a file, a "
+            "glob or brace pattern such as 'shards/{00000..00009}.tar', or a directory; streamed, each process "
+            "reading shards of its own), or a datasets name."
         },
     )
-    image_column: str = field(default="image", metadata={"help": "Column of the images (or image paths)."})
+    image_column: str = field(
+        default="image",
+        metadata={
+            "help": "Column of the images (or image paths); for WebDataset shards a sample key (default: the first "
+            "of jpg, jpeg, png, webp)."
+        },
+    )
     text_column: str | None = field(
         default=None,
         metadata={
             "help": "Column of the captions (a caption or a list: one is drawn per step). Default: 'captions' on the "
-            "synthetic data (each scene's 3-5 captions), else 'text'."
+            "synthetic data (each scene's 3-5 captions), else 'text'; for WebDataset shards a sample key or a JSON "
+            "field such as 'json.caption' (default: the first of txt, text, json.caption, json.text)."
         },
     )
     train_split: str = field(default="train", metadata={"help": "Split (or --split_column value) to train on."})
@@ -93,6 +106,8 @@ class PretrainingData:
     validation: Dataset | None
     corpus: Iterable[str]
     columns: list[str]  # of the training rows, before decoding (a decoded stream no longer lists them)
+    # `train` holds this process's shards only: its batches are the process's own, not slices of a global batch
+    per_process: bool = False
 
 
 def _flatten_captions(texts: Iterable[str | list[str]]) -> Iterator[str]:
@@ -139,11 +154,61 @@ def _decodable(dataset: Dataset, limit: int) -> Dataset:
     return with_lazy_decoding(dataset.select(good), decoder)
 
 
-def load_pretraining_data(args: DataArguments, image_size: int, validation: bool = False) -> PretrainingData:
+def _first_rows(stream: IterableDataset, limit: int) -> Dataset:
+    """The first `limit` rows of a stream, in memory."""
+    return Dataset.from_list(list(stream.take(limit)), features=stream.features)
+
+
+def _load_webdataset(args: DataArguments, validation: bool, process_index: int, num_processes: int) -> PretrainingData:
+    """A WebDataset source: the training shards streamed (shuffled with `--shuffle_buffer_size`, each process reading
+    its own shards) and the first rows of the evaluation and validation splits. A split the shard names do not give
+    is held out of the training split as its last shard (the evaluation split's), and the one before (validation)."""
+    if args.split_column is not None:
+        raise ValueError(
+            f"--split_column does not apply to WebDataset shards ({args.dataset}); give each split its own shards "
+            "instead, named like train-00000.tar, validation-00000.tar and test-00000.tar in one directory."
+        )
+    held_out = [args.eval_split] + ([args.validation_split] if validation else [])
+    shards = hold_out_shards(webdataset_shards(args.dataset), args.train_split, held_out, f"--dataset {args.dataset}")
+    # datasets names the one split of a list of data files "train"
+    common = {"split": "train", "image_column": args.image_column, "text_column": args.text_column, "streaming": True}
+
+    def load(split: str, **options: Any) -> IterableDataset:
+        return load_image_text_dataset("webdataset", data_files=shards[split], **common, **options)
+
+    train = load(args.train_split)
+    corpus = _flatten_captions(row["text"] for row in train.take(STREAMED_CORPUS_ROWS))  # read when used
+    stream = load(args.train_split, shuffle_buffer_size=args.shuffle_buffer_size, shuffle_seed=args.seed)
+    evaluation = _first_rows(load(args.eval_split), args.num_eval_examples)
+    selection = _first_rows(load(args.validation_split), args.num_validation_examples) if validation else None
+    return PretrainingData(
+        train=with_lazy_decoding(shard_across_processes(stream, process_index, num_processes)),
+        evaluation=_decodable(evaluation, args.num_eval_examples),
+        validation=_decodable(selection, args.num_validation_examples) if selection is not None else None,
+        corpus=corpus,
+        columns=list(train.column_names),
+        per_process=True,
+    )
+
+
+def load_pretraining_data(
+    args: DataArguments,
+    image_size: int,
+    validation: bool = False,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> PretrainingData:
     """Loads `--dataset` (the procedural scenes by default) with lazily decoded images and a held-out evaluation split
     (`--eval_split`, else `--num_eval_examples` rows held out of the training split with `--seed`, the same rows
     whenever the same options are given). With `validation`, also the rows evaluated during training
-    (`--validation_split`, else `--num_validation_examples` more rows held out of training)."""
+    (`--validation_split`, else `--num_validation_examples` more rows held out of training).
+
+    WebDataset shards are streamed whatever `--streaming` says, and split between the processes: process
+    `process_index` of `num_processes` reads its own shards (`PretrainingData.per_process`); a split their names do
+    not give is a whole shard held out of training (the last one for `--eval_split`, the one before for
+    `--validation_split`), of which the first `--num_eval_examples` (`--num_validation_examples`) rows are used."""
+    if is_webdataset_source(args.dataset):
+        return _load_webdataset(args, validation, process_index, num_processes)
     synthetic = args.dataset == "synthetic"
     builder = (
         {

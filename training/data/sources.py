@@ -46,6 +46,7 @@ DataLoader's ``generator``), and in the main process (``num_workers=0``) it is w
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -57,6 +58,7 @@ import torch
 from datasets import (
     Dataset,
     DatasetDict,
+    Features,
     IterableDataset,
     IterableDatasetDict,
     LargeList,
@@ -74,6 +76,7 @@ from huggingface_hub.utils import validate_repo_id
 from xmodal.processing.image_processing_xmodal import _pil_to_hwc
 
 from .synthetic import make_synthetic_dataset
+from .webdataset import IMAGE_KEYS, JSON_CAPTION_FIELDS, TEXT_KEYS, is_webdataset_source, webdataset_shards
 
 IMAGE_COLUMN = "image"
 """Name of the image column in every dataset returned by :func:`load_image_text_dataset`."""
@@ -95,9 +98,10 @@ DataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 
 _ACCEPTED_SOURCES = (
     "'synthetic' (the embedded procedural dataset); a .csv, .tsv, .json or .jsonl file of image paths and captions "
-    "(or 'csv' / 'json' with data_files=); an existing local dataset directory, e.g. an imagefolder with "
-    "metadata.jsonl; or a dataset name on the Hugging Face Hub (or a datasets builder name such as 'imagefolder' or "
-    "'parquet' with data_files=)"
+    "(or 'csv' / 'json' with data_files=); WebDataset .tar shards: a .tar file, a glob or brace pattern such as "
+    "'shards/{00000..00009}.tar', or a directory of .tar files (or 'webdataset' with data_files=); an existing local "
+    "dataset directory, e.g. an imagefolder with metadata.jsonl; or a dataset name on the Hugging Face Hub (or a "
+    "datasets builder name such as 'imagefolder' or 'parquet' with data_files=)"
 )
 _STRING_DTYPES = ("string", "large_string")
 _PIXEL_DECODER = ImageFeature()  # reads bytes or (local or remote) paths, fully loads, applies the EXIF orientation
@@ -285,14 +289,78 @@ def _normalise(
     )
 
 
+def _json_field(value: object, field: str, column: str) -> dict[str, Any]:
+    """``{column: value[field]}`` for a decoded JSON member (``None`` when the member or the field is missing)."""
+    return {column: value.get(field) if isinstance(value, Mapping) else None}
+
+
+def _json_path(features: Features, name: str) -> tuple[str, str] | None:
+    """``(key, field)`` when ``name`` is ``"<key>.<field>"`` for a JSON member ``key`` of the samples with that field."""
+    for key, feature in features.items():
+        if isinstance(feature, dict) and name.startswith(f"{key}.") and name[len(key) + 1 :] in feature:
+            return key, name[len(key) + 1 :]
+    return None
+
+
+def _webdataset_columns(
+    dataset: Dataset | IterableDataset, image_column: str, text_column: str, where: str
+) -> tuple[Dataset | IterableDataset, str, str]:
+    """The keys of WebDataset samples that hold the image and the caption, for :func:`_normalise`.
+
+    A key named by ``image_column`` / ``text_column`` is used as it is; left at their defaults (``"image"``,
+    ``"text"``) and absent from the samples, they stand for the first of :data:`IMAGE_KEYS`, and the first of
+    :data:`TEXT_KEYS` and :data:`JSON_CAPTION_FIELDS`, that the samples have. A caption field of a JSON member
+    (``"json.caption"``) is copied into a column of that name.
+    """
+    features = dataset.features
+    keys = [name for name in features if not name.startswith("__")]
+    fields = [f"{key}.{field}" for key in keys if isinstance(features[key], dict) for field in features[key]]
+    found = {}
+    for argument, requested, default, candidates, names in (
+        ("image_column", image_column, IMAGE_COLUMN, IMAGE_KEYS, keys),
+        ("text_column", text_column, TEXT_COLUMN, TEXT_KEYS + JSON_CAPTION_FIELDS, keys + fields),
+    ):
+        searched = candidates if requested == default and requested not in names else (requested,)
+        found[argument] = next((name for name in searched if name in names), None)
+        if found[argument] is None:
+            what = "image" if argument == "image_column" else "caption"
+            missing = (
+                f"none of the {what} keys searched by default, {list(candidates)}"
+                if requested == default
+                else f"no {what} key {requested!r} ({argument}={requested!r})"
+            )
+            accepted = (
+                f"an image key of the samples (searched by default: {', '.join(IMAGE_KEYS)})"
+                if argument == "image_column"
+                else f"a text key of the samples, or a field of a JSON member as '<key>.<field>' (searched by default: "
+                f"{', '.join(TEXT_KEYS + JSON_CAPTION_FIELDS)})"
+            )
+            raise ValueError(
+                f"{where} has {missing}; its samples have the keys {keys}"
+                + (f" and the JSON fields {fields}" if fields else "")
+                + f". Name the {what} with --{argument} ({argument}=): {accepted}."
+            )
+    text_key = found["text_column"]
+    if text_key not in features:
+        key, field = _json_path(features, text_key)
+        dataset = dataset.map(
+            functools.partial(_json_field, field=field, column=text_key),
+            input_columns=key,
+            features=Features({**features, text_key: features[key][field]}),
+        )
+    return dataset, found["image_column"], text_key
+
+
 def _to_iterable(dataset: Dataset, num_shards: int) -> IterableDataset:
     return dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))
 
 
 def _classify_source(source: str) -> str:
-    """One of "synthetic", "table", "directory" or "hub" (a Hub name or a datasets builder name)."""
+    """One of "synthetic", "webdataset", "table", "directory" or "hub" (a Hub name or a datasets builder name)."""
     if source == "synthetic":
         return "synthetic"
+    if source == "webdataset" or is_webdataset_source(source):
+        return "webdataset"
     if source in set(TABLE_SUFFIXES.values()) or os.path.isfile(source):
         return "table"
     if os.path.isdir(source):
@@ -334,6 +402,14 @@ def load_image_text_dataset(
       Relative paths resolve against the folder of the file that holds them; a path that leaves that folder
       (``..``, an absolute path elsewhere, a URL) raises a ``ValueError`` naming the file and the row (a symbolic
       link inside the folder is followed, see the directory source). JSON captions may be lists of strings.
+    * WebDataset ``.tar`` shards (see :mod:`~xmodal.training.data.webdataset`): a ``.tar`` file, a glob or brace
+      pattern (``"shards/{00000..00009}.tar"``, several joined by ``::``), a directory holding ``.tar`` files (its
+      split-named shards, ``train-00000.tar``, ``test-00000.tar``, ..., form splits), or ``"webdataset"`` with
+      ``data_files``; read by the ``webdataset`` builder of :mod:`datasets`, one shard per tar file when streaming.
+      ``image_column`` / ``text_column`` name sample keys (``"png"``, ``"txt"``) or a JSON member's field
+      (``"json.caption"``); left at their defaults, the first of ``jpg``, ``jpeg``, ``png``, ``webp`` and the first of
+      ``txt``, ``text``, ``json.caption``, ``json.text`` are taken. The other keys stay columns (``__key__``,
+      ``__url__``: the sample's name and shard).
     * an existing local directory: anything :func:`datasets.load_dataset` reads from a folder, e.g. an imagefolder
       (images plus ``metadata.jsonl`` with ``file_name`` and caption fields). Images stored as paths (imagefolder
       ``file_name``s, path-only images of parquet or JSON files) must lie inside the folder: ``..``, absolute paths
@@ -352,7 +428,7 @@ def load_image_text_dataset(
         text_column: the source's column of captions: a string, or a list of strings (one is drawn per access).
         data_files: data files for caption tables and for :func:`datasets.load_dataset`.
         streaming: return an ``IterableDataset`` (dict). "synthetic", caption tables and local directories are
-            loaded and then converted with ``to_iterable_dataset``; other sources stream with
+            loaded and then converted with ``to_iterable_dataset``; WebDataset shards and other sources stream with
             ``load_dataset(..., streaming=True)``.
         shuffle_buffer_size: with ``streaming``, shuffle through a buffer of this many rows (and shuffle the shard
             order); call ``set_epoch(epoch)`` on the result to reshuffle every epoch.
@@ -410,9 +486,14 @@ def load_image_text_dataset(
             builder = source
         dataset = _load_tables(builder, data_files, split, image_column, text_column, kwargs)
     else:
-        load_streaming = streaming and kind == "hub"
+        builder = source
+        if kind == "webdataset" and source != "webdataset":
+            if data_files is not None:
+                raise ValueError(f"Pass either WebDataset shards as source ({source!r}) or data_files, not both.")
+            builder, data_files = "webdataset", webdataset_shards(source)
+        load_streaming = streaming and kind in ("hub", "webdataset")
         try:
-            dataset = load_dataset(source, data_files=data_files, split=split, streaming=load_streaming, **kwargs)
+            dataset = load_dataset(builder, data_files=data_files, split=split, streaming=load_streaming, **kwargs)
         except DatasetNotFoundError as error:
             raise ValueError(f"Unknown source {source!r}: {error} Accepted sources: {_ACCEPTED_SOURCES}.") from error
         except DatasetGenerationError as error:
@@ -420,15 +501,16 @@ def load_image_text_dataset(
             if isinstance(error.__cause__, ValueError):
                 raise ValueError(f"Could not read the source {source!r}: {error.__cause__}") from error
             raise
+
+    def normalise(part: Dataset | IterableDataset, where: str) -> Dataset | IterableDataset:
+        if kind != "webdataset":
+            return _normalise(part, image_column, text_column, where)
+        return _normalise(*_webdataset_columns(part, image_column, text_column, where), where)
+
     if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
-        dataset = type(dataset)(
-            {
-                name: _normalise(part, image_column, text_column, f"{where}, split {name!r}")
-                for name, part in dataset.items()
-            }
-        )
+        dataset = type(dataset)({name: normalise(part, f"{where}, split {name!r}") for name, part in dataset.items()})
     else:
-        dataset = _normalise(dataset, image_column, text_column, where)
+        dataset = normalise(dataset, where)
     if kind == "directory":
         root = os.path.normpath(os.path.abspath(source))
         parts = dataset.items() if isinstance(dataset, DatasetDict) else [(split, dataset)]

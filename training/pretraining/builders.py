@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
@@ -156,6 +157,22 @@ def _train_loader(
         sampler=EpochSampler(len(dataset), args.seed),
         collate_fn=SeededCollate(collate_fn),
         **common,
+    )
+
+
+def prepare_per_process_loader(accelerator: Accelerator, loader: DataLoader) -> DataLoader:
+    """`loader` prepared for this process alone, for a dataset that already holds only this process's shards: its
+    batches go to the device and `set_epoch` reaches the dataset as with `accelerator.prepare`, but they are not
+    split across the processes (which would make every process read every shard)."""
+    return prepare_data_loader(
+        loader,
+        accelerator.device,
+        num_processes=1,
+        process_index=0,
+        put_on_device=accelerator.device_placement,
+        # not Accelerate's default for an iterable dataset (the main process reading every batch for all)
+        dispatch_batches=False,
+        non_blocking=accelerator.non_blocking,
     )
 
 
@@ -315,6 +332,7 @@ __all__ = [
     "build_processor",
     "lock_towers",
     "optimizer_param_groups",
+    "prepare_per_process_loader",
     "resolve_text_tower",
     "tower_image_size",
 ]

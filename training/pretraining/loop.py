@@ -9,6 +9,7 @@ model card, metrics).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from xmodal import XModalConfig, XModalModel
 from xmodal.processing import load_tokenizer
-from xmodal.training.data import ANSWER_VOCAB, BAD_ROWS_KEY, BadRowCounter, SkipBadRows
+from xmodal.training.data import ANSWER_VOCAB, BAD_ROWS_KEY, BadRowCounter, BadRows, SkipBadRows
 from xmodal.training.data.collate import (
     ImageTextCollator,
     second_view_image_augmentation,
@@ -46,6 +47,7 @@ from xmodal.training.pretraining.builders import (
     build_processor,
     lock_towers,
     optimizer_param_groups,
+    prepare_per_process_loader,
     resolve_text_tower,
     tower_image_size,
     train_augmentation,
@@ -85,16 +87,20 @@ def _batches(
 
     Undecodable rows were dropped by the collator; they are counted here over all processes (every process sees the
     same totals, so the --max_bad_row_fraction stop is taken everywhere at once). The global-batch losses gather
-    equal shapes, so every process keeps as many rows as the smallest slice; a slice left empty skips the batch."""
+    equal shapes, so every process keeps as many rows as the smallest slice; a slice left empty skips the batch.
+    An epoch ends on every process when one process's loader is exhausted (processes reading shards of their own
+    hold different numbers of rows), so all stay at the same position."""
     while True:
         loader.set_epoch(state["epoch"])
         source = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
         from_start, produced = state["batch"] == 0, False
-        for batch in source:
-            state["batch"] += 1
-            report = batch.pop(BAD_ROWS_KEY)
-            local = [len(batch["input_ids"]) if batch else 0, report.num_rows, report.num_bad]
+        for batch in itertools.chain(source, [None]):
+            report = batch.pop(BAD_ROWS_KEY) if batch is not None else BadRows(0, ())
+            local = [len(batch["input_ids"]) if batch else 0, report.num_rows, report.num_bad, int(batch is None)]
             counts = accelerator.gather(torch.tensor([local], device=accelerator.device))
+            if counts[:, 3].any():
+                break
+            state["batch"] += 1
             bad_rows.update(int(counts[:, 1].sum()), int(counts[:, 2].sum()), report.descriptions)
             size = int(counts[:, 0].min())
             if size == 0:
@@ -148,7 +154,13 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         if args.vision_tower
         else XModalConfig.from_preset(args.preset, **overrides).vision_config.image_size
     )
-    data = load_pretraining_data(args, image_size, validation=bool(args.eval_steps))
+    data = load_pretraining_data(
+        args,
+        image_size,
+        validation=bool(args.eval_steps),
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+    )
     if "vqa" in objectives and not {"questions", "answers"} <= set(data.columns):
         raise ValueError(f"The vqa objective needs 'questions' and 'answers' columns, which {args.dataset} lacks.")
     if args.text_tower:
@@ -172,7 +184,10 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         image_augmentation=second_view_image_augmentation(processor, config) if args.multiview else None,
         text_augmentation=second_view_text_augmentation(tokenizer) if args.multiview else None,
     )
-    loader = _train_loader(data.train, SkipBadRows(collator), args, accelerator.num_processes)
+    # a process reading shards of its own batches them alone; otherwise Accelerate splits the global batch
+    loader = _train_loader(
+        data.train, SkipBadRows(collator), args, 1 if data.per_process else accelerator.num_processes
+    )
     # the objectives the model computes (a weight of 0 removes one) and how their losses are combined
     weights = {name: getattr(config, f"{name}_loss_weight") for name in objectives}
     weights = {name: weight for name, weight in weights.items() if weight > 0}
@@ -186,7 +201,11 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, fused=fused)
     # stepped once per optimizer step by us (a prepared scheduler would step once per process)
     scheduler = BudgetedSchedule(optimizer, args.warmup_steps, args.max_steps, args.max_seconds)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if data.per_process:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = prepare_per_process_loader(accelerator, loader)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(balancer)
     # several processes: the negatives of InfoNCE, ITM and the momentum queue come from the global batch (gathered,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from datasets import Dataset
 
 from xmodal import XModalModel, XModalProcessor
+from xmodal.training.data.webdataset import is_webdataset_source
 from xmodal.training.publishing.cards import RETRIEVAL_EXAMPLE_FILE, write_model_card
 from xmodal.training.publishing.plots import plot_retrieval_example
 
@@ -42,9 +43,9 @@ def write_run_report(
     synthetic = args.dataset == "synthetic"
     if synthetic:
         dataset_name, dataset_type = "the xmodal procedural scenes (embedded)", "synthetic"
-    elif os.path.exists(args.dataset):
+    elif _is_local(args.dataset):
         # local data is named by its base name: the card goes public, the local path means nothing there
-        dataset_name, dataset_type = os.path.basename(os.path.normpath(args.dataset)), "local"
+        dataset_name, dataset_type = _public_name(args.dataset), "local"
     else:
         dataset_name = dataset_type = args.dataset
     write_model_card(
@@ -62,13 +63,29 @@ def write_run_report(
 _PATH_OPTIONS = ("output_dir", "dataset", "tokenizer", "text_tower")
 
 
+def _is_local(value: str) -> bool:
+    """An existing path, or a pattern of local WebDataset shards."""
+    return os.path.exists(value) or is_webdataset_source(value)
+
+
+def _public_name(value: str) -> str:
+    """A local path's base name; for a shard pattern, each pattern's folder name and file pattern
+    (`/data/cc3m/{00000..00331}.tar` -> `cc3m/{00000..00331}.tar`)."""
+    if os.path.exists(value):
+        return os.path.basename(os.path.normpath(value))
+    parts = [
+        os.path.join(os.path.basename(os.path.dirname(part)), os.path.basename(part)) for part in value.split("::")
+    ]
+    return "::".join(parts)
+
+
 def public_arguments(args: PretrainArguments) -> dict[str, Any]:
     """The run's options for files that get published (metrics.json, the card): local paths are reduced to their
     base names, so that a pushed folder does not reveal the machine's directory layout."""
     values = asdict(args)
     for name in _PATH_OPTIONS:
-        if values[name] and os.path.exists(values[name]):
-            values[name] = os.path.basename(os.path.normpath(values[name]))
+        if values[name] and _is_local(values[name]):
+            values[name] = _public_name(values[name])
     return values
 
 
