@@ -20,13 +20,14 @@ $(STAMP): pyproject.toml
 # The full recipe on the embedded data: multi-task pretraining (every objective), evaluation of every metric, a
 # Hub-ready folder with the rendered model card (< 10 min on a 2-core CPU).
 # The committed tokenizer makes the run repeatable (WordPiece training is not deterministic; see its README.md).
-# The demo recipe (README, "Results of make demo"): every objective within a 6-minute training budget; CLIP-style
-# towers; 48 px scenes with one 16 px patch per cell of the scenes' 3x3 grid; ITM, MLM, MIM, captioning and VQA on 16
-# of each batch's 64 pairs, on one step in four after the first 30% of the budget, each scaled to the contrastive
-# loss's running mean; the model selected on the validation scenes.
+# The demo recipe (README, "Results of make demo"): every objective within a 6-minute training budget; the tiny
+# preset's depths at width 128 (measured: 36 against 24 R@1 at width 256 in the same 6 minutes, bench/RESULTS.md,
+# "Width"); CLIP-style towers; 48 px scenes with one 16 px patch per cell of the scenes' 3x3 grid; batch 128; ITM,
+# MLM, MIM, captioning and VQA on 32 of each batch's pairs, on one step in four after the first 30% of the budget,
+# each scaled to the contrastive loss's running mean; the model selected on the validation scenes.
 DEMO_RECIPE = --preset tiny --objectives all --tower_style clip \
-	--config_overrides '{"vision_config": {"image_size": 48, "patch_size": 16}}' \
-	--auxiliary_batch_size 16 --auxiliary_every 4 --auxiliary_start 0.3 --loss_balancing relative_scale \
+	--config_overrides '{"projection_dim": 128, "vision_config": {"image_size": 48, "patch_size": 16, "hidden_size": 128, "intermediate_size": 512}, "text_config": {"hidden_size": 128, "intermediate_size": 512}, "cross_config": {"hidden_size": 128, "intermediate_size": 512}}' \
+	--batch_size 128 --auxiliary_batch_size 32 --auxiliary_every 4 --auxiliary_start 0.3 --loss_balancing relative_scale \
 	--loss_weights itm=0.1,mlm=0.1,mim=0.1,captioning=0.25,vqa=0.5 \
 	--max_time 6m --eval_steps 0.2 --load_best_model_at_end --tokenizer training/assets/demo-tokenizer
 

@@ -41,10 +41,16 @@ VARIANTS = {
     "all": "all",
 }
 # the demo's recipe (the Makefile's DEMO_RECIPE), less its budget, objectives, weights and task sampling
+WIDTH = {"hidden_size": 128, "intermediate_size": 512}
+DEMO_CONFIG = {
+    "projection_dim": 128,
+    "vision_config": {"image_size": 48, "patch_size": 16, **WIDTH},
+    "text_config": WIDTH,
+    "cross_config": WIDTH,
+}
 RECIPE = (
-    "--preset tiny --tower_style clip --config_overrides "
-    + shlex.quote(json.dumps({"vision_config": {"image_size": 48, "patch_size": 16}}))
-    + " --auxiliary_batch_size 16 --loss_balancing relative_scale --eval_steps 0.2 --load_best_model_at_end"
+    f"--preset tiny --tower_style clip --config_overrides {shlex.quote(json.dumps(DEMO_CONFIG))} --batch_size 128"
+    " --auxiliary_batch_size 32 --loss_balancing relative_scale --eval_steps 0.2 --load_best_model_at_end"
 )
 # the demo's task sampling, for the variants with objectives besides the contrastive one
 TASK_SAMPLING = ["--auxiliary_every", "4", "--auxiliary_start", "0.3"]

@@ -13,7 +13,7 @@ the 1,906 emoji names, as the issue measures it.
   on the validation styles.
 - CLIPModel: `bench/clip_baseline.py` (transformers' CLIPModel of the same size, the names as captions).
 
-    python bench/emoji_style_shift.py [--max_time 5m] [--data ../shared/data/emoji-google]
+    python bench/emoji_style_shift.py [--max_time 5m] [--data ../shared/data/emoji-google] [--extra OPTIONS --tag NAME]
 """
 
 from __future__ import annotations
@@ -78,8 +78,8 @@ def build_splits(data_dir: Path, out: Path) -> dict[str, int]:
     return {name: len(split) for name, split in splits.items()}
 
 
-def run_xmodal(data: Path, max_time: str, output_dir: Path) -> dict[str, Any]:
-    command = [str(Path(sys.executable).with_name("xmodal")), "pretrain", *shlex.split(RECIPE)]
+def run_xmodal(data: Path, max_time: str, output_dir: Path, recipe: str) -> dict[str, Any]:
+    command = [str(Path(sys.executable).with_name("xmodal")), "pretrain", *shlex.split(recipe)]
     command += ["--dataset", str(data), "--max_time", max_time, "--output_dir", str(output_dir)]
     subprocess.run(command + ["--overwrite_output_dir"], check=True, stdout=subprocess.DEVNULL)
     return json.loads((output_dir / "metrics.json").read_text())
@@ -99,14 +99,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_time", default="5m", help="Training wall-clock budget of each model.")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--extra", default="", help="xmodal pretrain options added to the recipe (a variant).")
+    parser.add_argument("--tag", default="", help="Suffix of the result files (a variant's name).")
     options = parser.parse_args()
+    recipe = f"{RECIPE} {options.extra}".strip()
+    name = f"emoji_style_shift_{options.tag}" if options.tag else "emoji_style_shift"
     if not (options.data / "metadata.jsonl").is_file():
         parser.error(f"--data {options.data} holds no metadata.jsonl (the emoji imagefolder).")
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "emoji-styles"
         counts = build_splits(options.data, folder)
-        xmodal = run_xmodal(folder, options.max_time, Path(scratch) / "xmodal")
-        clip = run_clip(folder, options.max_time, "emoji_style_shift")
+        xmodal = run_xmodal(folder, options.max_time, Path(scratch) / "xmodal", recipe)
+        clip = run_clip(folder, options.max_time, name)
     rows = [
         [
             "xmodal (recipe)",
@@ -122,16 +126,16 @@ def main() -> None:
         f"Emoji in unseen styles: trained {options.max_time} on all {counts['train']} google emoji, scored on "
         f"{counts['test']} style-shifted copies (recall in %, among {counts['test']} names).\n\n"
         + markdown_table(header, rows)
-        + f"\n\nxmodal recipe: `xmodal pretrain {RECIPE} --max_time {options.max_time}` (model selected on the "
+        + f"\n\nxmodal recipe: `xmodal pretrain {recipe} --max_time {options.max_time}` (model selected on the "
         f"validation styles at step {xmodal['saved_model_step']} of {xmodal['train_steps']}).\n\n{machine_line(info)}\n"
     )
     payload = {
         "machine": info,
-        "options": {"max_time": options.max_time, "recipe": RECIPE},
+        "options": {"max_time": options.max_time, "recipe": recipe},
         "xmodal": {key: value for key, value in xmodal.items() if key.startswith("test_") or key.startswith("train_")},
         "clip": clip,
     }
-    publish("emoji_style_shift", payload, markdown)
+    publish(name, payload, markdown)
 
 
 if __name__ == "__main__":

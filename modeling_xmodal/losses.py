@@ -99,6 +99,36 @@ def negatives_contrastive_loss(
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
 
 
+def contrastive_loss_with_negative_texts(
+    logits_per_text: torch.Tensor, negative_logits_per_image: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    r"""Symmetric InfoNCE with K extra negative texts that match no image (NegCLIP, Yuksekgonul et al. 2023): they
+    join the image->text softmax only,
+
+    L = 1/2 [ -1/N sum_i log( e^{s_ii / t} / (sum_j e^{s_ij / t} + sum_k e^{n_ik / t}) )
+              - 1/N sum_i log softmax_j(s_ji / t) ],
+
+    s_ij being image i against text j and n_ik image i against negative text k.
+
+    Args:
+        logits_per_text (`torch.Tensor` of shape `(batch_size, batch_size)`): s / t, text rows, image columns.
+        negative_logits_per_image (`torch.Tensor` of shape `(batch_size, num_negatives)`): n / t, each image against
+            each negative text.
+        label_smoothing (`float`): label smoothing of both cross-entropies.
+    """
+    if negative_logits_per_image.ndim != 2 or negative_logits_per_image.shape[0] != logits_per_text.shape[1]:
+        raise ValueError(
+            f"negative_logits_per_image must be (num_images, num_negatives) = ({logits_per_text.shape[1]}, K), got "
+            f"shape {tuple(negative_logits_per_image.shape)}."
+        )
+    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    per_image = torch.cat([logits_per_text.t(), negative_logits_per_image], dim=1)
+    return (
+        F.cross_entropy(per_image, labels, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits_per_text, labels, label_smoothing=label_smoothing)
+    ) / 2.0
+
+
 def siglip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     r"""Pairwise sigmoid loss (SigLIP, Zhai et al. 2023): L = -1/N sum_ij log sigmoid(z_ij (t x_i.y_j + b)), with
     z_ij = 1 for matching pairs and -1 otherwise.
@@ -248,6 +278,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "causal_lm_loss",
     "contrastive_loss",
+    "contrastive_loss_with_negative_texts",
     "mask_tokens",
     "masked_image_modeling_loss",
     "masked_language_modeling_loss",

@@ -33,7 +33,7 @@ from xmodal.checks import (
 from xmodal.configuration.configuration_xmodal import XModalConfig, XModalTextConfig, XModalVisionConfig
 from xmodal.conversion import clip_to_xmodal_config, clip_to_xmodal_state_dict
 from xmodal.heads import XModalFusionModel, XModalITMHead, XModalMLMHead, XModalMomentumEncoder
-from xmodal.losses import contrastive_loss, siglip_loss
+from xmodal.losses import contrastive_loss, contrastive_loss_with_negative_texts, siglip_loss
 from xmodal.outputs import XModalFusionOutput, XModalOutput
 from xmodal.towers import XModalTextTransformer, XModalVisionTransformer, _build_tower, _pool
 
@@ -546,12 +546,23 @@ class XModalModel(XModalPreTrainedModel):
         logits = self.clamped_logit_scale() * (text_embeds * image_embeds).sum(dim=-1)
         return logits + self.logit_bias if self.logit_bias is not None else logits
 
-    def contrastive_objective(self, logits_per_text: torch.Tensor) -> torch.Tensor:
+    def contrastive_objective(
+        self, logits_per_text: torch.Tensor, negative_logits_per_image: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The configured contrastive loss of a square `(batch_size, batch_size)` logits matrix: InfoNCE with label
-        smoothing, or the SigLIP sigmoid loss."""
+        smoothing, or the SigLIP sigmoid loss. `negative_logits_per_image` `(batch_size, K)`: each image against K
+        extra texts that match no image (hard negative captions, NegCLIP), in the image->text softmax of InfoNCE or
+        as K more negative pairs per image of SigLIP."""
         if self.config.contrastive_loss_type == "siglip":
-            return siglip_loss(logits_per_text)
-        return contrastive_loss(logits_per_text, self.config.label_smoothing)
+            loss = siglip_loss(logits_per_text)
+            if negative_logits_per_image is None:
+                return loss
+            return loss - F.logsigmoid(-negative_logits_per_image).sum() / logits_per_text.shape[0]
+        if negative_logits_per_image is None:
+            return contrastive_loss(logits_per_text, self.config.label_smoothing)
+        return contrastive_loss_with_negative_texts(
+            logits_per_text, negative_logits_per_image, self.config.label_smoothing
+        )
 
     @can_return_tuple
     def forward(

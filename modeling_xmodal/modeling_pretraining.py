@@ -217,11 +217,13 @@ class XModalForPreTraining(XModalModel):
         second_view_attention_mask: torch.Tensor | None,
         interpolate_pos_encoding: bool,
         global_batch: BatchGatherer,
+        negative_embeds: torch.Tensor | None = None,
         check_values: bool = True,
     ) -> torch.Tensor:
         """The cross-modal loss averaged over every (image view, text view) combination, plus
         `multiview_loss_weight` x the NT-Xent between the two views of each modality that has two (the second
-        view's ids checked unless `check_values=False`)."""
+        view's ids checked unless `check_values=False`). The hard negative captions `negative_embeds` `(K, D)`
+        join the first views' loss."""
         if self.momentum_encoder is not None:
             first = self._queue_contrastive_loss(
                 image_embeds,
@@ -233,7 +235,8 @@ class XModalForPreTraining(XModalModel):
                 global_batch,
             )
         else:
-            first = self.contrastive_objective(logits_per_text)
+            negative_logits = None if negative_embeds is None else self.logits(image_embeds, negative_embeds).t()
+            first = self.contrastive_objective(logits_per_text, negative_logits)
         image_views, text_views = [image_embeds], [text_embeds]
         if second_view_pixel_values is not None:
             second = self.get_image_features(second_view_pixel_values, interpolate_pos_encoding).pooler_output
@@ -313,6 +316,8 @@ class XModalForPreTraining(XModalModel):
         second_view_pixel_values: torch.FloatTensor | None = None,
         second_view_input_ids: torch.LongTensor | None = None,
         second_view_attention_mask: torch.Tensor | None = None,
+        negative_input_ids: torch.LongTensor | None = None,
+        negative_attention_mask: torch.Tensor | None = None,
         mlm_input_ids: torch.LongTensor | None = None,
         mlm_labels: torch.LongTensor | None = None,
         special_tokens_mask: torch.Tensor | None = None,
@@ -339,6 +344,10 @@ class XModalForPreTraining(XModalModel):
             return_loss (`bool`, *optional*): compute the objectives; otherwise only the contrastive logits.
             second_view_pixel_values, second_view_input_ids, second_view_attention_mask (*optional*): a second
                 augmented view of the same pairs (`xmodal.training.make_views`) for multi-view contrastive learning.
+            negative_input_ids, negative_attention_mask (`(num_negatives, negative_length)`, *optional*): hard
+                negative captions that match no image of the batch (e.g. a caption with one attribute word swapped,
+                `xmodal.training.data.negatives.WordSwapNegatives`; NegCLIP), extra texts in the contrastive loss's
+                image->text direction; not combinable with the momentum queue.
             mlm_input_ids, mlm_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 a masked copy of `input_ids` and its labels; masked here with BERT's rule when absent.
             special_tokens_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): tokens never
@@ -394,6 +403,15 @@ class XModalForPreTraining(XModalModel):
             return XModalForPreTrainingOutput(**outputs)
         _check_pairs(logits_per_text)
         losses: dict[str, torch.Tensor] = {}
+        negative_embeds = None
+        if negative_input_ids is not None and "contrastive" in active:
+            if self.momentum_encoder is not None:
+                raise ValueError(
+                    "negative_input_ids (hard negative captions) cannot be combined with the momentum queue."
+                )
+            negative = self._encode_text(negative_input_ids, negative_attention_mask).last_hidden_state
+            pooled = _pool(negative, config.text_pooling, negative_attention_mask)
+            negative_embeds = F.normalize(self.text_projection(pooled), dim=-1)  # (K, projection_dim)
         if "contrastive" in active and contrastive_loss_fn is not None:
             if (
                 self.momentum_encoder is not None
@@ -401,7 +419,10 @@ class XModalForPreTraining(XModalModel):
                 or (second_view_input_ids is not None)
             ):
                 raise ValueError("contrastive_loss_fn cannot be combined with the momentum queue or second views.")
-            losses["contrastive"] = contrastive_loss_fn(image_embeds, text_embeds, self.clamped_logit_scale())
+            negatives = {} if negative_embeds is None else {"negative_text_embeds": negative_embeds}
+            losses["contrastive"] = contrastive_loss_fn(
+                image_embeds, text_embeds, self.clamped_logit_scale(), **negatives
+            )
         elif "contrastive" in active:
             losses["contrastive"] = self._contrastive(
                 image_embeds,
@@ -415,6 +436,7 @@ class XModalForPreTraining(XModalModel):
                 second_view_attention_mask,
                 interpolate_pos_encoding,
                 global_batch,
+                negative_embeds,
                 check_values=not checked,
             )
         # Fusion requests of the ITM, MLM and VQA objectives; those of equal text length share one fusion call, in

@@ -84,10 +84,16 @@ class ContrastiveLoss(nn.Module):
         self.local_loss = local_loss
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        negative_text_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`image_embeds`, `text_embeds` `(B, D)` L2-normalised pairs (row i with row i) of this process;
-        `logit_scale` the inverse temperature (already exponentiated and clamped). Returns the loss `()`."""
+        `logit_scale` the inverse temperature (already exponentiated and clamped); `negative_text_embeds` `(K, D)`
+        this process's hard negative captions, gathered like the pairs and added to every image's image->text
+        softmax (NegCLIP). Returns the loss `()`."""
         if image_embeds.shape != text_embeds.shape:
             raise ValueError(
                 f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be pairs "
@@ -97,12 +103,18 @@ class ContrastiveLoss(nn.Module):
         all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
         batch_size = image_embeds.shape[0]
         smoothing = self.label_smoothing
-        if not self.local_loss:
+        if not self.local_loss and negative_text_embeds is None:
             # the fused loss: the (N B, N B) logits and their gradient are the only square matrices it keeps
             return contrastive_loss(logit_scale * all_texts @ all_images.t(), smoothing)
-        logits_per_image = logit_scale * image_embeds @ all_texts.t()  # (B, N B)
-        logits_per_text = logit_scale * text_embeds @ all_images.t()
-        labels = torch.arange(batch_size, device=image_embeds.device) + rank * batch_size
+        # this process's rows (local_loss) or all of them, against every column and the negative captions
+        images, texts = (image_embeds, text_embeds) if self.local_loss else (all_images, all_texts)
+        columns = all_texts
+        if negative_text_embeds is not None:
+            columns = torch.cat([all_texts, gather_with_grad(negative_text_embeds)])
+        logits_per_image = logit_scale * images @ columns.t()  # (B or N B, N B [+ N K])
+        logits_per_text = logit_scale * texts @ all_images.t()
+        offset = rank * batch_size if self.local_loss else 0
+        labels = torch.arange(images.shape[0], device=image_embeds.device) + offset
         return (
             F.cross_entropy(logits_per_image, labels, label_smoothing=smoothing)
             + F.cross_entropy(logits_per_text, labels, label_smoothing=smoothing)

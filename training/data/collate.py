@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from xmodal import XModalConfig, XModalProcessor
 from xmodal.training.data.augmentations import ImageAugmentation, PairAugmentation, TextAugmentation
+from xmodal.training.data.negatives import WordSwapNegatives
 
 
 class ImageTextCollator:
@@ -21,6 +22,9 @@ class ImageTextCollator:
     With `augmentation` (train time), each pair may be flipped (its caption, question and answer mirrored with it)
     and each image is augmented. With `image_augmentation`/`text_augmentation`, a second view of each pair is added
     as `second_view_*`, augmented from the (flipped, not otherwise augmented) image and the caption.
+    With `hard_negatives`, `num_hard_negatives` word-swapped negatives of the first captions that have one (cycled when
+    fewer have one, so every batch has the same count) are added as `negative_input_ids`/`negative_attention_mask`
+    `(K, Ln)`.
     Random draws use torch's global RNG, which `SeededCollate` seeds from the batch's rows.
     """
 
@@ -34,6 +38,8 @@ class ImageTextCollator:
         augmentation: PairAugmentation | None = None,
         image_augmentation: ImageAugmentation | None = None,
         text_augmentation: TextAugmentation | None = None,
+        hard_negatives: WordSwapNegatives | None = None,
+        num_hard_negatives: int = 0,
     ) -> None:
         self.processor = processor
         self.max_length = max_length
@@ -43,6 +49,8 @@ class ImageTextCollator:
         self.augmentation = augmentation
         self.image_augmentation = image_augmentation
         self.text_augmentation = text_augmentation
+        self.hard_negatives = hard_negatives if num_hard_negatives > 0 else None
+        self.num_hard_negatives = num_hard_negatives
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -54,10 +62,11 @@ class ImageTextCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         augmentation = self.augmentation or PairAugmentation(horizontal_flip="off")
         flips = augmentation.draw_flips(len(rows))
+        texts = augmentation.mirror_texts([row[self.text_column] for row in rows], flips)
         batch = dict(
             self.processor(
                 images=[row[self.image_column] for row in rows],
-                text=augmentation.mirror_texts([row[self.text_column] for row in rows], flips),
+                text=texts,
                 padding=True,
                 truncation=True,
                 max_length=self.max_length,
@@ -78,6 +87,16 @@ class ImageTextCollator:
             batch["question_input_ids"] = question["input_ids"]
             batch["question_attention_mask"] = question["attention_mask"]
             batch["vqa_labels"] = torch.tensor([self.answer_index[answer] for answer in answers])
+        if self.hard_negatives is not None:
+            negatives = self.hard_negatives(texts, self.num_hard_negatives)
+            if not negatives:
+                raise ValueError(
+                    "No caption of the batch contains a word of the swappable groups (--hard_negative_words "
+                    f"{'|'.join(','.join(group) for group in self.hard_negatives.groups)}), e.g. {texts[0]!r}."
+                )
+            negative = self._tokenize([negatives[i % len(negatives)] for i in range(self.num_hard_negatives)])
+            batch["negative_input_ids"] = negative["input_ids"]
+            batch["negative_attention_mask"] = negative["attention_mask"]
         flipped = augmentation.flip_images(batch["pixel_values"], flips)
         batch["pixel_values"] = augmentation.image(flipped) if augmentation.image is not None else flipped
         if self.image_augmentation is not None:

@@ -137,6 +137,20 @@ class PretrainArguments(DataArguments):
     contrastive_loss_type: str = field(default="nt_xent", metadata={"help": "nt_xent (InfoNCE) or siglip."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing of the InfoNCE loss."})
     queue_size: int = field(default=0, metadata={"help": "Momentum-queue negatives per positive (0: none)."})
+    hard_negative_captions: int = field(
+        default=0,
+        metadata={
+            "help": "Per batch, this many captions with one attribute word swapped (NegCLIP) join the contrastive "
+            "loss as texts no image matches, so it must tell the swapped attribute apart (0: none)."
+        },
+    )
+    hard_negative_words: str | None = field(
+        default=None,
+        metadata={
+            "help": "The swappable words of --hard_negative_captions: groups separated by '|', words by ',' "
+            "('circle,square,star|red,green,blue'); default with --dataset synthetic: its shapes and its colours."
+        },
+    )
     auxiliary_batch_size: int | None = field(
         default=None,
         metadata={
@@ -327,6 +341,15 @@ class PretrainArguments(DataArguments):
             raise ValueError(f"--weight_decay must be non-negative, got {self.weight_decay}.")
         if self.warmup_steps < 0 or (self.max_steps is not None and self.warmup_steps > self.max_steps):
             raise ValueError(f"--warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}.")
+        if not 0 <= self.hard_negative_captions:
+            raise ValueError(f"--hard_negative_captions must be non-negative, got {self.hard_negative_captions}.")
+        if self.hard_negative_captions and self.hard_negative_words is None and self.dataset != "synthetic":
+            raise ValueError(
+                "--hard_negative_captions needs --hard_negative_words (groups of swappable words, e.g. "
+                "'circle,square,star|red,green,blue') for --dataset other than synthetic."
+            )
+        if self.hard_negative_captions and self.queue_size:
+            raise ValueError("--hard_negative_captions cannot be combined with --queue_size (the momentum queue).")
         if self.dataset == "synthetic" and self.batch_size > self.num_train_examples:
             raise ValueError(
                 f"--batch_size ({self.batch_size}) exceeds --num_train_examples ({self.num_train_examples}): "

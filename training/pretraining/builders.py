@@ -24,7 +24,9 @@ from xmodal import XModalConfig, XModalForPreTraining, XModalImageProcessor, XMo
 from xmodal.processing import load_tokenizer, train_tokenizer
 from xmodal.training.data import ANSWER_VOCAB
 from xmodal.training.data.augmentations import ImageAugmentation, PairAugmentation
+from xmodal.training.data.negatives import WordSwapNegatives
 from xmodal.training.data.seeding import EpochSampler, SeededCollate, SeededRows
+from xmodal.training.data.synthetic import COLORS, SHAPES
 from xmodal.training.pretraining.arguments import OBJECTIVES, PretrainArguments
 from xmodal.training.pretraining.checkpointing import checkpoint_root, latest_checkpoint
 from xmodal.training.publishing.trackers import parse_report_to
@@ -81,6 +83,16 @@ def train_augmentation(args: PretrainArguments, processor: XModalProcessor) -> P
         image_std=tuple(image_processor.image_std),
     )
     return PairAugmentation(image=image, horizontal_flip=args.horizontal_flip)
+
+
+def hard_negatives(args: PretrainArguments) -> WordSwapNegatives | None:
+    """The word swaps of `--hard_negative_captions` (`--hard_negative_words`; with the synthetic scenes by default,
+    their shapes and their colours), or None when it is 0."""
+    if not args.hard_negative_captions:
+        return None
+    if args.hard_negative_words is None:
+        return WordSwapNegatives([SHAPES, tuple(COLORS)])
+    return WordSwapNegatives.parse(args.hard_negative_words)
 
 
 def build_processor(

@@ -45,6 +45,7 @@ from xmodal.training.pretraining.builders import (
     build_config,
     build_model,
     build_processor,
+    hard_negatives,
     lock_towers,
     optimizer_param_groups,
     prepare_per_process_loader,
@@ -183,6 +184,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         augmentation=train_augmentation(args, processor),
         image_augmentation=second_view_image_augmentation(processor, config) if args.multiview else None,
         text_augmentation=second_view_text_augmentation(tokenizer) if args.multiview else None,
+        hard_negatives=hard_negatives(args),
+        num_hard_negatives=args.hard_negative_captions,
     )
     # a process reading shards of its own batches them alone; otherwise Accelerate splits the global batch
     loader = _train_loader(
