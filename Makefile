@@ -55,6 +55,8 @@ bench: install
 	$(PY) bench/data_pipeline.py
 	$(PY) bench/retrieval_scale.py
 	$(PY) bench/scaling.py
+	$(VENV)/bin/pip install -q --no-deps 'open-clip-torch>=3.0'  # its declared deps would pull a CUDA torch
+	$(PY) bench/peers.py
 
 # ruff, and the architecture: the import-linter contracts of .importlinter on the package tree pyproject.toml builds
 lint: install

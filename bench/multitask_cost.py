@@ -65,7 +65,7 @@ def real_batch(preset: str, batch_size: int) -> tuple[dict[str, torch.Tensor], o
 def build(
     preset: str, tokenizer: object, objectives: tuple[str, ...], **config_fields: object
 ) -> XModalForPreTraining:
-    config = build_config(PretrainArguments(preset=preset), tokenizer, objectives)
+    config = build_config(PretrainArguments(preset=preset, objectives=",".join(objectives)), tokenizer, objectives)
     for name, value in config_fields.items():
         setattr(config, name, value)
     return XModalForPreTraining(config).train()
