@@ -79,6 +79,7 @@ from common import (  # noqa: E402
     PAD_TOKEN_ID,
     SEP_TOKEN_ID,
     clip_config_like,
+    fused_adamw,
     machine,
     machine_line,
     markdown_table,
@@ -175,13 +176,6 @@ def caption_batches(captions: list[str], batch_size: int, count: int, seed: int 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training steps
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def fused_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """`bench/train_step.py`'s optimizer (AdamW, lr 1e-4, weight decay 0.01, torch's fused kernel) over the trainable
-    parameters (FLAVA's codebook is frozen)."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.01, fused=True)
 
 
 LossFunction = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]

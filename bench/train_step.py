@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     clip_config_like,
     contrastive_train_step,
+    fused_adamw,
     machine,
     machine_line,
     markdown_table,
@@ -87,11 +88,6 @@ def step_flops(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dtype: t
         on_device(lambda: model(**inputs, return_loss=True).loss.backward(), device, dtype)()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-def fused_adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The optimizer both models train with: AdamW (lr 1e-4, weight decay 0.01) with torch's fused kernel."""
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
 
 
 def check_compiled(

@@ -8,6 +8,7 @@ them as real processes."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -235,3 +236,28 @@ def test_train_step_compiled_copy_matches_eager(monkeypatch):
     monkeypatch.setattr(module.torch, "compile", perturbed)
     with pytest.raises(AssertionError):
         module.check_compiled(model, inputs)
+
+
+def test_peers(monkeypatch, capsys, tmp_path):
+    """bench/peers.py at the smallest real setting (tiny preset, 2 pairs, one round, the synthetic captions): every
+    variant trains with a finite loss, xmodal pads less than run_clip's and open_clip's fixed lengths, and FLAVA's
+    step and xmodal's multi-task steps are timed."""
+    module = load("peers", monkeypatch)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS_DIR", tmp_path / "results")
+    argv = ["--presets", "tiny", "--batch_sizes", "2", "--repeats", "1", "--warmup", "0", "--num_batches", "1"]
+    results = module.main([*argv, "--corpora", "synthetic", "--no_write"])
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
+    assert "Machine: " in printed and "|---|" in printed
+    (padding,) = results["padding"]
+    variants = padding["variants"]
+    has_open_clip = importlib.util.find_spec("open_clip") is not None  # the `bench` extra
+    assert set(variants) == {"xmodal", "clip-run_clip", *(["open_clip"] if has_open_clip else [])}
+    assert variants["clip-run_clip"]["padded_length_mean"] == padding["run_clip_length"]
+    if has_open_clip:
+        assert variants["open_clip"]["padded_length_mean"] == 77
+    assert variants["xmodal"]["padded_length_mean"] == variants["xmodal"]["real_tokens_max"]
+    (flava,) = results["flava"]
+    steps = {**variants, **flava["variants"]}
+    assert {"xmodal-4-objectives", "xmodal-all-objectives", "flava", "flava-mim-labels"} <= set(steps)
+    assert all(math.isfinite(step["loss"]) and step["median_seconds"] > 0 for step in steps.values())
