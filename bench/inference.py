@@ -2,19 +2,21 @@
 
 For each preset, `XModalModel` and a `CLIPModel` built by `clip_config_like` (same widths, depths, heads, MLP size,
 activation, image and patch size, vocabulary, projection dimension; CLIP's text positions = the text length) embed the
-same random batch in eval mode under `torch.inference_mode`: `get_image_features(pixel_values)` on `--batch_size`
-images and `get_text_features(input_ids, attention_mask)` on `--batch_size` captions padded to `--text_length` tokens
-(lengths uniform in [8, text_length]). The calls are timed in alternation in one process (median of `--repeats` runs
+same random batch in eval mode under `torch.inference_mode`: `get_image_features(pixel_values)` on a batch of each
+of `--batch_sizes` (1, 16 and 64 images by default) and `get_text_features(input_ids, attention_mask)` on as many
+captions padded to `--text_length` tokens (lengths uniform in [8, text_length]). The calls are timed in alternation in one process (median of `--repeats` runs
 after `--warmup`, more rounds while the slowest call would get under `--min_seconds` of timed calls); the ratio is
-xmodal's embeddings/s over CLIP's, the median of the per-round ratios (issue target: >= 1.25x).
+xmodal's embeddings/s over CLIP's, the median of the per-round ratios (issue 18's targets: images >= 1.1x, texts
+>= 1.3x).
 
-    python bench/inference.py [--presets tiny small base] [--batch_size 64] [--text_length 32] [--repeats 5]
+    python bench/inference.py [--presets tiny small base] [--batch_sizes 1 16 64] [--text_length 32] [--repeats 5]
         [--min_seconds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -89,20 +91,21 @@ def embed_functions(
     }
 
 
-def run_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_preset(preset: str, batch_size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One preset at one batch size: both models' embeddings/s, timed in alternation, and their ratios."""
     config = preset_config(preset, args.smoke)
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), PRECISIONS[args.precision]
     xmodal = XModalModel(config).eval().to(device)
     clip = CLIPModel(clip_config_like(config, sequence_length=args.text_length)).eval().to(device)
     vision = config.vision_config
-    inputs = random_image_text_batch(
-        args.batch_size, vision.image_size, args.text_length, config.text_config.vocab_size
-    )
+    inputs = random_image_text_batch(batch_size, vision.image_size, args.text_length, config.text_config.vocab_size)
     inputs = {key: value.to(device) for key, value in inputs.items()}
     functions = embed_functions(xmodal, clip, inputs, device, dtype)
     times = time_alternating(functions, repeats=args.repeats, warmup=args.warmup, min_seconds=args.min_seconds)
     row: dict[str, Any] = {
+        "preset": preset,
+        "batch_size": batch_size,
         "image_size": vision.image_size,
         "patch_size": vision.patch_size,
         "parameters": {
@@ -116,7 +119,7 @@ def run_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         row[name] = {
             "median_s": round(median(values), 5),
             "runs_s": [round(value, 5) for value in values],
-            "per_s": round(args.batch_size / median(values), 1),
+            "per_s": round(batch_size / median(values), 1),
         }
     for modality in ("image", "text", "text-padded"):
         ratio = paired_ratio(times[f"clip-{modality.removesuffix('-padded')}"], times[f"xmodal-{modality}"])
@@ -126,12 +129,13 @@ def run_preset(preset: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any], command: str) -> str:
     rows = []
-    for preset, row in results["presets"].items():
+    for row in results["runs"]:
         for modality in ("image", "text", "text-padded"):
             tower = modality.removesuffix("-padded")
             rows.append(
                 [
-                    preset,
+                    row["preset"],
+                    str(row["batch_size"]),
                     "text (padding computed)" if modality == "text-padded" else modality,
                     f"{row[f'xmodal-{modality}']['per_s']:,.1f}",
                     f"{row[f'clip-{tower}']['per_s']:,.1f}",
@@ -141,12 +145,13 @@ def markdown(results: dict[str, Any], command: str) -> str:
                 ]
             )
     table = markdown_table(
-        ["preset", "embeddings", "xmodal /s", "CLIPModel /s", "xmodal / CLIP", "parameters (xmodal / CLIP)"], rows
+        ["preset", "batch", "embeddings", "xmodal /s", "CLIPModel /s", "xmodal / CLIP", "parameters (xmodal / CLIP)"],
+        rows,
     )
     return (
         "## Inference: embeddings/s vs CLIPModel of equal size (`bench/inference.py`)\n\n"
-        f"`{command}`\n\n{machine_line(results['machine'])} Device: {results['device']}, {results['precision']}, eval mode, `torch.inference_mode`, batch "
-        f"{results['batch_size']}, captions padded to {results['text_length']} tokens (lengths 8-"
+        f"`{command}`\n\n{machine_line(results['machine'])} Device: {results['device']}, {results['precision']}, eval mode, `torch.inference_mode`, batches "
+        f"of {', '.join(map(str, results['batch_sizes']))}, captions padded to {results['text_length']} tokens (lengths 8-"
         f"{results['text_length']}); median of at least {results['repeats']} runs (more until the slowest call has "
         f"{results['min_seconds']:g} s of timed runs) after {results['warmup']} warm-up, the calls "
         "alternating in one process; a ratio is the median of the per-round ratios, with their range. "
@@ -156,7 +161,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
             if results["device"] == "cpu"
             else "On a GPU xmodal's text tower keeps the padding by default: both text rows run the same code."
         )
-        + " Target: xmodal >= 1.25x CLIPModel.\n\n"
+        + " Targets (issue 18): images >= 1.1x CLIPModel, texts >= 1.3x.\n\n"
         + table
     )
 
@@ -164,7 +169,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small", "base"])
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_sizes", "--batch_size", nargs="+", type=int, default=[1, 16, 64])
     parser.add_argument("--text_length", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -179,25 +184,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, or bf16/fp16 autocast.")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.presets, args.batch_size, args.text_length, args.repeats, args.warmup = ["tiny"], 4, 16, 1, 0
+        args.presets, args.batch_sizes, args.text_length, args.repeats, args.warmup = ["tiny"], [1, 4], 16, 1, 0
         args.min_seconds = 0.0
     device = torch.device(args.device)
     results: dict[str, Any] = {
         "machine": machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": args.precision,
-        "batch_size": args.batch_size,
+        "batch_sizes": args.batch_sizes,
         "text_length": args.text_length,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "min_seconds": args.min_seconds,
-        "presets": {},
+        "runs": [],
     }
-    for preset in args.presets:
-        row = run_preset(preset, args)
-        results["presets"][preset] = row
+    for preset, batch_size in itertools.product(args.presets, args.batch_sizes):
+        row = run_preset(preset, batch_size, args)
+        results["runs"].append(row)
         print(
-            f"{preset}: image {row['xmodal-image']['per_s']}/s vs CLIP {row['clip-image']['per_s']}/s "
+            f"{preset}, batch {batch_size}: image {row['xmodal-image']['per_s']}/s vs CLIP {row['clip-image']['per_s']}/s "
             f"({row['image_ratio']['median']}x), text {row['xmodal-text']['per_s']}/s vs CLIP "
             f"{row['clip-text']['per_s']}/s ({row['text_ratio']['median']}x)",
             flush=True,

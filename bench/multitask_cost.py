@@ -11,9 +11,10 @@ is the median over the rounds of the step's time over the contrastive step's in 
   captioning (the decoder) + VQA (a question pass);
 - multitask-itm-all: the same with ALBEF's 3B ITM pairs (`itm_sampling="all"`);
 - multitask+queue+views: also the momentum encoders with a 4,096-entry queue and a second augmented view of each
-  pair (two optional features, off in the plain multi-task step).
+  pair (two optional features, off in the plain multi-task step);
+- with `--each`, also contrastive+X for each other objective X: what each objective adds to the step.
 
-    python bench/multitask_cost.py [--presets tiny small] [--batch_size 32] [--repeats 5] [--device cuda]
+    python bench/multitask_cost.py [--presets tiny small] [--batch_size 32] [--repeats 5] [--each] [--device cuda]
         [--precision bf16]
 """
 
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU script (bench/gpu.sh).")
     parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, or bf16/fp16 autocast.")
+    parser.add_argument("--each", action="store_true", help="Also time contrastive + each other objective alone.")
     parser.add_argument("--smoke", action="store_true", help="tiny at batch 4, one run, nothing written (for tests).")
     parser.add_argument("--no_write", action="store_true", help="Do not write bench/results.")
     args = parser.parse_args(argv)
@@ -126,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "multitask-itm-all": (build(preset, tokenizer, OBJECTIVES, itm_sampling="all"), plain),
             "multitask+queue+views": (build(preset, tokenizer, OBJECTIVES, queue_size=4096), batch),
         }
+        if args.each:
+            for objective in OBJECTIVES[1:]:
+                model = build(preset, tokenizer, ("contrastive", objective))
+                variants[f"contrastive+{objective}"] = (model, plain if objective == "vqa" else no_vqa)
         steps = {name: step_function(model, inputs, device, dtype) for name, (model, inputs) in variants.items()}
         times = time_alternating(steps, repeats=args.repeats, warmup=args.warmup)
         # the step's time over the contrastive step's, round by round (`paired_ratio` of the two time series)

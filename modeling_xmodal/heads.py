@@ -27,6 +27,7 @@ from xmodal.layers import (
     _causal_mask,
     _drop_path_rates,
     _restore_visible,
+    _TokenPacking,
 )
 from xmodal.outputs import XModalFusionOutput
 from xmodal.towers import _pool
@@ -43,6 +44,10 @@ class XModalFusionModel(XModalPreTrainedSubModel):
     co-attention, where at every layer each stream attends to the other stream's input to that layer.
     Tower outputs of another width are first projected to `cross_config.hidden_size`. Stochastic depth rises
     linearly from 0 at the first layer to `cross_config.drop_path_rate` at the last (per pair, in each stream).
+
+    As in the text tower, on CPU the text stream of `"text_to_image"` runs unpadded (projections, MLPs, LayerNorms
+    and the cross-attention queries on the real tokens only; `skip_padding`, default None: on CPU only), outside
+    `torch.compile` and when no hidden states or attentions are asked for; its outputs at padding are then zeros.
     """
 
     config_class = XModalCrossConfig
@@ -50,6 +55,7 @@ class XModalFusionModel(XModalPreTrainedSubModel):
 
     def __init__(self, config: XModalCrossConfig, vision_hidden_size: int, text_hidden_size: int) -> None:
         super().__init__(config)
+        self.skip_padding: bool | None = None
         hidden = config.hidden_size
         self.image_input_projection = (
             nn.Linear(vision_hidden_size, hidden) if vision_hidden_size != hidden else nn.Identity()
@@ -86,10 +92,22 @@ class XModalFusionModel(XModalPreTrainedSubModel):
         [`XModalFusionOutput`]."""
         if image_index is not None and self.image_layers is not None:
             # the image stream is updated per pair: materialise the pairs
-            image_hidden_states, image_index = image_hidden_states[image_index], None
+            image_hidden_states, image_index = image_hidden_states.index_select(0, image_index), None
         image = self.image_input_projection(image_hidden_states)
         text = self.text_input_projection(text_hidden_states)
         text_mask = _additive_padding_mask(attention_mask, text.dtype)
+        packing = None
+        skip = text.device.type == "cpu" if self.skip_padding is None else self.skip_padding
+        inspected_outputs = output_hidden_states or output_attentions
+        if (
+            text_mask is not None
+            and skip
+            and self.image_layers is None  # co-attention keys/values are the padded text
+            and not inspected_outputs
+            and not torch.compiler.is_compiling()
+        ):
+            packing = _TokenPacking.from_mask(attention_mask)
+            text = packing.unpad(text)  # (N, D): the text stream's token-wise work on real tokens only
         streams = [name for name, layers in (("text", self.text_layers), ("image", self.image_layers)) if layers]
         hidden = {"text": (text,), "image": (image,)} if output_hidden_states else None
         attentions = {name: ([], []) for name in streams} if output_attentions else None
@@ -97,7 +115,13 @@ class XModalFusionModel(XModalPreTrainedSubModel):
             new_text = text
             if self.text_layers:
                 new_text, *weights = self.text_layers[index](
-                    text, text_mask, image, None, encoder_index=image_index, output_attentions=output_attentions
+                    text,
+                    text_mask,
+                    image,
+                    None,
+                    encoder_index=image_index,
+                    packing=packing,
+                    output_attentions=output_attentions,
                 )
                 _record(attentions, "text", weights)
             if self.image_layers:
@@ -110,6 +134,8 @@ class XModalFusionModel(XModalPreTrainedSubModel):
                 hidden = {"text": hidden["text"] + (text,), "image": hidden["image"] + (image,)}
         if self.text_layer_norm is not None:
             text = self.text_layer_norm(text)
+        if packing is not None:
+            text = packing.pad(text)  # (B, Lt, D), zeros at the padding
         if self.image_layer_norm is not None:
             image = self.image_layer_norm(image)
         if self.config.direction == "text_to_image":
@@ -260,13 +286,15 @@ class XModalTextDecoder(XModalPreTrainedSubModel):
     """The captioning decoder: token + position embeddings, then layers of causal (cached) self-attention,
     cross-attention to the image tokens and an MLP (BLIP/CoCa): `input_ids` `(B, L)` and image tokens
     `(B, Li, vision_hidden)` -> `(B, L, decoder_hidden)`. A `PreTrainedModel` on `XModalDecoderConfig`, as BLIP's
-    text decoder."""
+    text decoder. As the text tower, on CPU an uncached padded batch (training) runs unpadded (`skip_padding`,
+    default None: on CPU only), its outputs at padding zeros; with a cache (generation) the layout stays padded."""
 
     config_class = XModalDecoderConfig
     input_modalities = ("text",)
 
     def __init__(self, config: XModalDecoderConfig, vision_hidden_size: int) -> None:
         super().__init__(config)
+        self.skip_padding: bool | None = None
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.encoder_projection = (
@@ -327,17 +355,25 @@ class XModalTextDecoder(XModalPreTrainedSubModel):
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         mask = _causal_mask(attention_mask, length, past_length, hidden_states.dtype, hidden_states.device)
         image = self.encoder_projection(encoder_hidden_states)
+        packing = None
+        skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
+        padded = mask is not None and attention_mask is not None and attention_mask.shape[1] == length
+        inspected = output_hidden_states or output_attentions
+        if padded and cache is None and skip and not inspected and not torch.compiler.is_compiling():
+            packing = _TokenPacking.from_mask(attention_mask)
+            hidden_states = packing.unpad(hidden_states)  # (N, D)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         attentions = {"text": ([], [])} if output_attentions else None
         for layer in self.layers:
             hidden_states, *weights = layer(
-                hidden_states, mask, image, None, cache=cache, output_attentions=output_attentions
+                hidden_states, mask, image, None, cache=cache, packing=packing, output_attentions=output_attentions
             )
             _record(attentions, "text", weights)
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
+        last_hidden_state = self.final_layer_norm(hidden_states)
         return BaseModelOutputWithCrossAttentions(
-            last_hidden_state=self.final_layer_norm(hidden_states),
+            last_hidden_state=packing.pad(last_hidden_state) if packing is not None else last_hidden_state,
             hidden_states=all_hidden_states,
             attentions=tuple(attentions["text"][0]) if attentions is not None else None,
             cross_attentions=tuple(attentions["text"][1]) if attentions is not None else None,

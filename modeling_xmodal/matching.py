@@ -128,7 +128,7 @@ def _itm_inputs(
         labels = torch.cat([ones, negative, negative])
     with torch.no_grad():
         prior = model.pair_logits(all_image_embeds[image_index], all_text_embeds[text_index])
-    return all_texts[text_index], all_masks[text_index], image_index, labels, prior
+    return all_texts.index_select(0, text_index), all_masks.index_select(0, text_index), image_index, labels, prior
 
 
 def _itm_loss(

@@ -53,7 +53,8 @@ def run_smoke(monkeypatch, capsys, tmp_path):
 
 def test_inference(run_smoke):
     results, printed = run_smoke("inference")
-    row = results["presets"]["tiny"]
+    assert [(row["preset"], row["batch_size"]) for row in results["runs"]] == [("tiny", 1), ("tiny", 4)]
+    row = results["runs"][1]
     for name in ("xmodal-image", "clip-image", "xmodal-text", "xmodal-text-padded", "clip-text"):
         assert row[name]["per_s"] > 0 and len(row[name]["runs_s"]) == 1
     for name in ("xmodal-image", "clip-image", "xmodal-text", "clip-text"):
@@ -65,8 +66,9 @@ def test_inference(run_smoke):
         tower = modality.removesuffix("-padded")
         expected = row[f"clip-{tower}"]["runs_s"][0] / row[f"xmodal-{modality}"]["runs_s"][0]
         assert ratio["median"] == pytest.approx(expected, rel=0.01)
-    assert "| tiny | image |" in printed and "| tiny | text |" in printed
-    assert "| tiny | text (padding computed) |" in printed
+    for batch_size in (1, 4):
+        assert f"| tiny | {batch_size} | image |" in printed and f"| tiny | {batch_size} | text |" in printed
+        assert f"| tiny | {batch_size} | text (padding computed) |" in printed
 
 
 def test_paired_ratio_cancels_a_drift_between_rounds(monkeypatch):
@@ -170,6 +172,8 @@ def test_data_pipeline(run_smoke):
         for row in data["workers"].values():
             assert row["loader_examples_per_s"] > 0 and row["loop_pairs_per_s"] > 0 and row["step_pairs_per_s"] > 0
     assert "| synthetic | 1 |" in printed
+    if "emoji" in results["datasets"]:  # the shared data is there: the same rows streamed from WebDataset shards too
+        assert results["datasets"]["emoji-tar"]["train_rows"] == "streamed" and "| emoji-tar | 1 |" in printed
 
 
 def check_retrieval_scale(results: dict, printed: str) -> None:
@@ -261,3 +265,30 @@ def test_peers(monkeypatch, capsys, tmp_path):
     steps = {**variants, **flava["variants"]}
     assert {"xmodal-4-objectives", "xmodal-all-objectives", "flava", "flava-mim-labels"} <= set(steps)
     assert all(math.isfinite(step["loss"]) and step["median_seconds"] > 0 for step in steps.values())
+
+
+def test_multitask_cost_times_models_that_train_the_objectives_they_are_named_after(monkeypatch, tmp_path):
+    """bench/multitask_cost.py --smoke --each: every variant is timed, and each is built with the objectives it is named
+    after (it once built contrastive-only models for every variant, timing no multi-task step at all)."""
+    module = load("multitask_cost", monkeypatch)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS_DIR", tmp_path / "results")
+    from xmodal.training.pretraining.arguments import OBJECTIVES
+
+    built: list[tuple[str, ...]] = []
+    build = module.build
+
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        built.append(model.pretraining_objectives)
+        return model
+
+    monkeypatch.setattr(module, "build", recording_build)
+    results = module.main(["--smoke", "--each"])
+    assert not (tmp_path / "results").exists()
+    row = results["presets"]["tiny"]
+    each = [f"contrastive+{name}" for name in OBJECTIVES[1:]]
+    for name in ["contrastive", "multitask", "multitask-itm-all", "multitask+queue+views", *each]:
+        assert row[name]["median_s"] > 0, name
+    assert built == [("contrastive",), OBJECTIVES, OBJECTIVES, OBJECTIVES] + [
+        ("contrastive", o) for o in OBJECTIVES[1:]
+    ]

@@ -82,7 +82,8 @@ def _step(model: XModalForPreTraining, inputs: dict[str, torch.Tensor]) -> tuple
 
 def test_the_multitask_step_reads_the_device_three_times(tester, monkeypatch) -> None:
     model, inputs = _every_objective(tester)
-    model.text_model.skip_padding = False  # the accelerator default
+    # the accelerator default
+    model.text_model.skip_padding = model.cross_model.skip_padding = model.text_decoder.skip_padding = False
     reference_loss, reference_grads = _step(model, inputs)  # the CPU policy
     monkeypatch.setattr(layers, "_host_reads_are_free", lambda tensor: False)
     with _count_host_reads(monkeypatch) as reads:

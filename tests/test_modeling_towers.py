@@ -1,6 +1,6 @@
-"""The text tower skips padding (`_TokenPacking`): a padded batch gives each caption's outputs as if it ran alone,
-the same losses and gradients as the padded computation, zeros at the padding, and works with left padding,
-gradient checkpointing, hidden states and the multi-task model."""
+"""The text tower, the fusion module's text stream and the captioning decoder (training) skip padding (`_TokenPacking`): a padded batch gives each
+caption's outputs as if it ran alone, the same losses and gradients as the padded computation, zeros at the padding,
+and works with left padding, gradient checkpointing, hidden states and the multi-task model."""
 
 from __future__ import annotations
 
@@ -106,15 +106,65 @@ def test_unpadded_batch_takes_the_plain_path(tester) -> None:
     assert torch.equal(skipped.last_hidden_state, computed.last_hidden_state)
 
 
+def _fusion_inputs(tester, model: XModalModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    inputs = tester.get_inputs()
+    image = model.vision_model(inputs["pixel_values"]).last_hidden_state
+    text = model.text_model(inputs["input_ids"], inputs["attention_mask"]).last_hidden_state
+    return image, text, inputs["attention_mask"]
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_fusion_text_stream_skips_padding(tester, paired: bool) -> None:
+    """The fusion module's text stream on the real tokens only gives the padded computation's pooled output and
+    tokens, zeros at the padding; also when several texts share an image (`image_index`)."""
+    model = XModalModel(tester.get_config()).eval()
+    with torch.no_grad():
+        image, text, mask = _fusion_inputs(tester, model)
+        index = torch.zeros(text.shape[0], dtype=torch.long) if paired else None
+        skipped = model.fuse(image[:1] if paired else image, text, mask, image_index=index)
+        model.cross_model.skip_padding = False
+        computed = model.fuse(image[:1] if paired else image, text, mask, image_index=index)
+    real = mask.bool()
+    torch.testing.assert_close(skipped.pooler_output, computed.pooler_output, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        skipped.text_last_hidden_state[real], computed.text_last_hidden_state[real], atol=1e-5, rtol=1e-5
+    )
+    assert torch.count_nonzero(skipped.text_last_hidden_state[~real]) == 0
+    assert torch.count_nonzero(computed.text_last_hidden_state[~real]) > 0  # the test pads some rows
+
+
+def test_fusion_asked_for_hidden_states_runs_padded(tester) -> None:
+    model = XModalModel(tester.get_config()).eval()
+    with torch.no_grad():
+        image, text, mask = _fusion_inputs(tester, model)
+        inspected = model.fuse(image, text, mask, output_hidden_states=True)
+    assert torch.count_nonzero(inspected.text_last_hidden_state[~mask.bool()]) > 0
+
+
+def test_captioning_decoder_skips_padding_without_a_cache(tester) -> None:
+    """Training (no cache): the decoder's real tokens are those of the padded computation, zeros at the padding."""
+    model = XModalForPreTraining(tester.get_config()).eval()
+    inputs = tester.get_inputs()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        image = model.vision_model(inputs["pixel_values"]).last_hidden_state
+        skipped = model.text_decoder(ids, image, mask).last_hidden_state
+        model.text_decoder.skip_padding = False
+        computed = model.text_decoder(ids, image, mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(skipped[real], computed[real], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(skipped[~real]) == 0 and torch.count_nonzero(computed[~real]) > 0
+
+
 def test_multitask_losses_unchanged(tester) -> None:
     """Every objective of the pretraining model (MLM, ITM, VQA, captioning, fusion on the text tokens) gives the same
-    losses and gradients."""
+    losses and gradients, with the text tower and the fusion module skipping the padding or computing it."""
     torch.manual_seed(0)
     model = XModalForPreTraining(tester.get_config(num_labels=5)).train()
     inputs = tester.get_pretraining_inputs(num_labels=5)
     results = []
     for skip in (True, False):
-        model.text_model.skip_padding = skip
+        model.text_model.skip_padding = model.cross_model.skip_padding = model.text_decoder.skip_padding = skip
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)  # the same MLM masks and ITM negatives
         output = model(**inputs, return_loss=True)

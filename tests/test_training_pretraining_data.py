@@ -5,6 +5,7 @@ accumulation, torch.compile)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -154,3 +155,14 @@ def test_torch_compile_trains_like_eager(tmp_path):
     tokenizer = os.path.join(eager_args.output_dir, "checkpoints", "tokenizer")
     compiled = pretrain(_args(tmp_path / "compiled", max_steps=2, torch_compile=True, tokenizer=tokenizer))
     assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-4)
+
+
+def test_torch_compile_warns_on_cpu_that_eager_is_faster(tmp_path, caplog):
+    from xmodal.training.pretraining.builders import build_accelerator
+
+    with caplog.at_level(logging.WARNING, logger="xmodal.training.pretraining.builders"):
+        build_accelerator(PretrainArguments(output_dir=str(tmp_path / "eager")))
+        assert "torch_compile" not in caplog.text
+        accelerator = build_accelerator(PretrainArguments(output_dir=str(tmp_path / "compiled"), torch_compile=True))
+    assert accelerator.device.type == "cpu"
+    assert "--torch_compile on CPU" in caplog.text and "train eager on CPU" in caplog.text
