@@ -38,6 +38,13 @@ def row_seed(seed: int, epoch: int, index: int) -> int:
     return (value ^ (value >> 31)) & _MASK
 
 
+def _seed_cpu(seed: int) -> None:
+    """Seeds the CPU generator, the one data loading draws from (the same draws as `torch.manual_seed(seed)`, which
+    also queues a lazy seeding of every accelerator backend, with a captured stack trace each: 94 us against 5 us per
+    call on CPU, once per row)."""
+    torch.default_generator.manual_seed(seed)
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """Shuffles `num_rows` indices with a permutation seeded by `seed + epoch` and yields `(epoch, index)` pairs.
 
@@ -80,7 +87,7 @@ class SeededRows(TorchDataset):
         epoch, index = key
         seed = row_seed(self.seed, epoch, index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            _seed_cpu(seed)
             row = dict(self.dataset[index])
         row[SEED_KEY] = seed
         return row
@@ -98,7 +105,7 @@ class SeededCollate:
         if not seeds:
             return self.collate_fn(list(rows))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(row_seed(seeds[0], len(seeds), seeds[-1]))
+            _seed_cpu(row_seed(seeds[0], len(seeds), seeds[-1]))
             return self.collate_fn(list(rows))
 
 
