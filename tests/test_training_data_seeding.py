@@ -88,3 +88,14 @@ def test_process_seed_leaves_the_initialisation_stream():
         torch.manual_seed(seeds[0])
         assert not torch.equal(torch.randn(64), init)
     assert process_seed(0, 0) == process_seed(0, 0)
+
+
+def test_a_row_draws_what_torch_manual_seed_of_its_seed_draws_and_leaves_the_global_rng_alone():
+    """`SeededRows` seeds the CPU generator alone (cheaper than `torch.manual_seed`, which also queues accelerator
+    seeding): the row's draws are those after `torch.manual_seed(row_seed(...))`, and the process's RNG is as before."""
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    row = SeededRows(_Draws(), seed=7)[(2, 1)]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(row_seed(7, 2, 1))
+    assert row["draw"] == torch.rand(()).item()
