@@ -18,6 +18,19 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
+"""The shared emoji imagefolder (`metadata.jsonl` and the PNGs), beside the repository."""
+
+
+def emoji_available(path: Path, what: str = "the emoji dataset") -> bool:
+    """Whether the emoji set at `path` is there; its absence skips `what` with a message, and is an error under
+    CI=true (where the shared data must be present)."""
+    if (path / "metadata.jsonl").is_file():
+        return True
+    if os.environ.get("CI") == "true":
+        raise FileNotFoundError(f"CI=true but the emoji set is missing: {path} has no metadata.jsonl.")
+    print(f"Skipping {what}: {path} has no metadata.jsonl (the shared data is not present).")
+    return False
 
 
 def machine() -> dict[str, Any]:

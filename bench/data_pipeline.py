@@ -36,7 +36,6 @@ import argparse
 import io
 import itertools
 import json
-import os
 import sys
 import tarfile
 import tempfile
@@ -49,6 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    EMOJI,
+    emoji_available,
     machine,
     machine_line,
     markdown_table,
@@ -65,7 +66,6 @@ from xmodal.training.data import BAD_ROWS_KEY, SkipBadRows  # noqa: E402
 from xmodal.training.data.pipeline import load_pretraining_data  # noqa: E402
 from xmodal.training.pretraining.builders import _train_loader
 
-EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 DATASETS = ("synthetic", "emoji", "emoji-tar")
 
 
@@ -103,16 +103,6 @@ def dataset_arguments(
     if name == "emoji-tar":
         return PretrainArguments(dataset=shards, **common)
     return PretrainArguments(dataset=str(args.emoji), text_column="name", split_column="emoji_split", **common)
-
-
-def emoji_available(path: Path) -> bool:
-    """Whether the emoji set is there; its absence is an error under CI=true."""
-    if (path / "metadata.jsonl").is_file():
-        return True
-    if os.environ.get("CI") == "true":
-        raise FileNotFoundError(f"CI=true but the emoji set is missing: {path} has no metadata.jsonl.")
-    print(f"Skipping the emoji dataset: {path} has no metadata.jsonl (the shared data is not present).")
-    return False
 
 
 def batches(loader: torch.utils.data.DataLoader) -> Iterator[dict[str, Any]]:

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine, write_result  # noqa: E402
+from common import EMOJI, RESULTS_DIR, machine, write_result  # noqa: E402
 
 from xmodal import XModalForPreTraining, XModalProcessor  # noqa: E402
 from xmodal.training import PretrainArguments, evaluate_model, evaluation_task, pretrain  # noqa: E402
 from xmodal.training.data.pipeline import load_pretraining_data  # noqa: E402
 
-EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 TEMPLATES = "{}|an emoji of {}.|a {} emoji."
 VARIANTS: dict[str, dict[str, Any]] = {
     "scratch": {},

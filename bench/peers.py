@@ -63,7 +63,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -76,9 +75,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    EMOJI,
     PAD_TOKEN_ID,
     SEP_TOKEN_ID,
     clip_config_like,
+    emoji_available,
     fused_adamw,
     machine,
     machine_line,
@@ -102,7 +103,6 @@ from xmodal.processing import train_tokenizer  # noqa: E402
 from xmodal.training import ImageTextCollator, PretrainArguments, build_config, build_processor  # noqa: E402
 from xmodal.training.data import ANSWER_VOCAB, caption_corpus, make_synthetic_dataset  # noqa: E402
 
-EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 CORPORA = ("synthetic", "emoji-name", "emoji-keywords")
 RUN_CLIP_MAX_SEQ_LENGTH = 128
 """`DataTrainingArguments.max_seq_length`'s default in transformers' examples/pytorch/contrastive-image-text/run_clip.py,
@@ -125,13 +125,10 @@ FOUR_OBJECTIVES = "contrastive,itm,mlm,mim"
 def emoji_captions(path: Path = EMOJI) -> dict[str, list[str]] | None:
     """The emoji set's names and comma-joined keywords (`metadata.jsonl`); None (with a message) when the folder is
     absent, an error under CI=true."""
-    metadata = path / "metadata.jsonl"
-    if not metadata.is_file():
-        if os.environ.get("CI") == "true":
-            raise FileNotFoundError(f"CI=true but the emoji set is missing: {path} has no metadata.jsonl.")
-        print(f"Skipping the emoji corpora: {path} has no metadata.jsonl (the shared data is not present).")
+    if not emoji_available(path, "the emoji corpora"):
         return None
-    rows = [json.loads(line) for line in metadata.read_text(encoding="utf-8").splitlines() if line.strip()]
+    metadata = (path / "metadata.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in metadata.splitlines() if line.strip()]
     return {
         "emoji-name": [row["name"] for row in rows],
         "emoji-keywords": [", ".join(row["keywords"]) for row in rows if row.get("keywords")],

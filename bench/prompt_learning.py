@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine, median  # noqa: E402
+from common import EMOJI, RESULTS_DIR, machine, median  # noqa: E402
 
 from xmodal import XModalModel, XModalProcessor  # noqa: E402
 from xmodal.training import PretrainArguments, pretrain  # noqa: E402
@@ -44,8 +44,6 @@ from xmodal.training.data.pipeline import DataArguments, load_pretraining_data  
 from xmodal.training.inference.embeddings import embed_images
 from xmodal.training.inference.zero_shot import DEFAULT_TEMPLATES, ensemble_text_embeddings
 from xmodal.training.transfer.prompt_learning import train_prompts  # noqa: E402
-
-EMOJI = Path(__file__).resolve().parents[2] / "shared" / "data" / "emoji-google"
 
 
 @dataclass

@@ -96,17 +96,11 @@ class XModalFusionModel(XModalPreTrainedSubModel):
         image = self.image_input_projection(image_hidden_states)
         text = self.text_input_projection(text_hidden_states)
         text_mask = _additive_padding_mask(attention_mask, text.dtype)
-        packing = None
-        skip = text.device.type == "cpu" if self.skip_padding is None else self.skip_padding
-        inspected_outputs = output_hidden_states or output_attentions
-        if (
-            text_mask is not None
-            and skip
-            and self.image_layers is None  # co-attention keys/values are the padded text
-            and not inspected_outputs
-            and not torch.compiler.is_compiling()
-        ):
-            packing = _TokenPacking.from_mask(attention_mask)
+        # with co-attention the image stream's keys/values are the padded text: no packing there
+        padded = text_mask is not None and self.image_layers is None
+        inspected = output_hidden_states or output_attentions
+        packing = _TokenPacking.when_skipped(attention_mask, padded, self.skip_padding, text.device, inspected)
+        if packing is not None:
             text = packing.unpad(text)  # (N, D): the text stream's token-wise work on real tokens only
         streams = [name for name, layers in (("text", self.text_layers), ("image", self.image_layers)) if layers]
         hidden = {"text": (text,), "image": (image,)} if output_hidden_states else None
@@ -355,12 +349,15 @@ class XModalTextDecoder(XModalPreTrainedSubModel):
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         mask = _causal_mask(attention_mask, length, past_length, hidden_states.dtype, hidden_states.device)
         image = self.encoder_projection(encoder_hidden_states)
-        packing = None
-        skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
-        padded = mask is not None and attention_mask is not None and attention_mask.shape[1] == length
+        # uncached (training): a cache keeps the padded layout of the positions it stores
+        padded = (
+            cache is None and mask is not None and attention_mask is not None and attention_mask.shape[1] == length
+        )
         inspected = output_hidden_states or output_attentions
-        if padded and cache is None and skip and not inspected and not torch.compiler.is_compiling():
-            packing = _TokenPacking.from_mask(attention_mask)
+        packing = _TokenPacking.when_skipped(
+            attention_mask, padded, self.skip_padding, hidden_states.device, inspected
+        )
+        if packing is not None:
             hidden_states = packing.unpad(hidden_states)  # (N, D)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         attentions = {"text": ([], [])} if output_attentions else None

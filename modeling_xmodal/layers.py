@@ -83,6 +83,24 @@ class _TokenPacking:
         batch_size, length = attention_mask.shape
         return cls(attention_mask.reshape(-1).nonzero().squeeze(1), batch_size, length)
 
+    @classmethod
+    def when_skipped(
+        cls,
+        attention_mask: torch.Tensor | None,
+        padded: bool,
+        skip_padding: bool | None,
+        device: torch.device,
+        inspected: bool,
+    ) -> _TokenPacking | None:
+        """The packing of a `padded` batch when its padding is skipped, else None: a module's `skip_padding` (None:
+        on CPU only, where gathering the real tokens needs no device synchronisation), never under `torch.compile`
+        (no data-dependent shapes) nor when hidden states or attentions are `inspected` (they are then the padded
+        computation's own tensors)."""
+        skip = device.type == "cpu" if skip_padding is None else skip_padding
+        if not (padded and skip) or inspected or torch.compiler.is_compiling():
+            return None
+        return cls.from_mask(attention_mask)
+
     def unpad(self, tokens: torch.Tensor) -> torch.Tensor:
         """`(B, L, C)` -> `(N, C)`."""
         return tokens.reshape(self.batch_size * self.length, -1).index_select(0, self.index)
@@ -291,13 +309,13 @@ class XModalMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.activation_fn = ACT2FN[config.hidden_act]
-        self.inplace_activation = config.hidden_act if config.hidden_act in _INPLACE_ACTIVATIONS else None
+        self.inplace_activation_fn = _INPLACE_ACTIVATIONS.get(config.hidden_act)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)
-        if self.inplace_activation is not None and not torch.is_grad_enabled():
-            hidden_states = _INPLACE_ACTIVATIONS[self.inplace_activation](hidden_states)
+        if self.inplace_activation_fn is not None and not torch.is_grad_enabled():
+            hidden_states = self.inplace_activation_fn(hidden_states)
         else:
             hidden_states = self.activation_fn(hidden_states)
         return self.fc2(hidden_states)

@@ -312,11 +312,11 @@ class XModalTextTransformer(XModalPreTrainedSubModel):
             mask = _causal_mask(attention_mask, length, 0, hidden_states.dtype, hidden_states.device)
         else:
             mask = _additive_padding_mask(attention_mask, hidden_states.dtype)
-        packing = None
-        skip = hidden_states.device.type == "cpu" if self.skip_padding is None else self.skip_padding
         inspected = output_hidden_states or output_attentions
-        if mask is not None and skip and not inspected and not torch.compiler.is_compiling():
-            packing = _TokenPacking.from_mask(attention_mask)
+        packing = _TokenPacking.when_skipped(
+            attention_mask, mask is not None, self.skip_padding, hidden_states.device, inspected
+        )
+        if packing is not None:
             hidden_states = packing.unpad(hidden_states)  # (N, D)
         outputs = self.encoder(
             hidden_states,

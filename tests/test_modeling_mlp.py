@@ -21,7 +21,7 @@ def _mlp(hidden_act: str) -> XModalMLP:
 @pytest.mark.parametrize("hidden_act", sorted(_INPLACE_ACTIVATIONS))
 def test_inplace_activation_matches_the_module_bitwise(hidden_act):
     mlp = _mlp(hidden_act)
-    assert mlp.inplace_activation == hidden_act
+    assert mlp.inplace_activation_fn is _INPLACE_ACTIVATIONS[hidden_act]
     inputs = torch.randn(2, 5, 32)
     expected = mlp.fc2(mlp.activation_fn(mlp.fc1(inputs)))
     with torch.inference_mode():
@@ -41,7 +41,7 @@ def test_inplace_activation_is_not_used_with_autograd():
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu_new"])
 def test_activations_without_an_exact_inplace_kernel_stay_out_of_place(hidden_act):
     mlp = _mlp(hidden_act)
-    assert mlp.inplace_activation is None
+    assert mlp.inplace_activation_fn is None
     inputs = torch.randn(2, 5, 32)
     with torch.inference_mode():
         assert torch.equal(mlp(inputs), mlp.fc2(mlp.activation_fn(mlp.fc1(inputs))))
